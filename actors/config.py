@@ -1,0 +1,197 @@
+"""cluster.yaml decoded into typed, frozen structs (DESIGN §7).
+
+`load(path)` raises `ConfigError` whose message names the field's path
+(`hosts[1].memory_mb: expected int >= 1, got -5`) or, for YAML syntax, the line and
+column; callers print it as one line and exit 2. Relative paths are relative to the file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import msgspec.yaml
+
+from vmresize.events.schema import Flavor, Resources
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Ratio = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A cluster.yaml that cannot be used; the message names the field."""
+
+
+class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    allow_resize_to_same_host: bool = False
+    use_cow_images: bool = True
+    resize_confirm_window_s: Seconds = 0
+    max_attempts: Count = 3
+    step_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60
+
+
+class Ratios(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    vcpus: Ratio = 16.0
+    memory_mb: Ratio = 1.5
+    disk_gb: Ratio = 1.0
+
+
+class Reserved(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    vcpus: NonNeg = 0
+    memory_mb: NonNeg = 512
+    disk_gb: NonNeg = 0
+
+
+class FlavorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    vcpus: Count
+    memory_mb: Count
+    root_gb: Count
+    ephemeral_gb: NonNeg = 0
+    swap_mb: NonNeg = 0
+
+
+class HostSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    vcpus: Count
+    memory_mb: Count
+    disk_gb: Count
+    driver: Literal["fake", "libvirt"] = "fake"
+    uri: str = ""                        # libvirt only
+    instances_path: str = ""             # libvirt only
+    image: str = ""                      # libvirt only: base image for new instances
+    resources: dict[str, float] = {}     # Ray custom resources that pin the host actor
+    overhead_memory_mb: NonNeg = 0       # per-instance driver overhead
+    overhead_vcpus: NonNeg = 0
+
+    @property
+    def capacity(self) -> Resources:
+        return Resources(self.vcpus, self.memory_mb, self.disk_gb)
+
+
+class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    hosts: list[HostSpec]
+    flavors: dict[str, FlavorSpec]
+    state_dir: str = "./state"
+    options: Options = Options()
+    allocation_ratios: Ratios = Ratios()
+    reserved: Reserved = Reserved()
+    ray_namespace: str = ""              # default: derived from the state directory
+    path: str = ""                       # the file this came from (set by `load`)
+
+    def flavor(self, name: str) -> Flavor:
+        spec = self.flavors[name]
+        return Flavor(name=name, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
+                      root_gb=spec.root_gb, ephemeral_gb=spec.ephemeral_gb,
+                      swap_mb=spec.swap_mb)
+
+    def all_flavors(self) -> dict[str, Flavor]:
+        return {name: self.flavor(name) for name in self.flavors}
+
+    def limit(self, host: HostSpec) -> Resources:
+        """capacity x allocation ratio - reserved, what the ledger may hold."""
+        r, z = self.allocation_ratios, self.reserved
+        return Resources(int(host.vcpus * r.vcpus) - z.vcpus,
+                         int(host.memory_mb * r.memory_mb) - z.memory_mb,
+                         int(host.disk_gb * r.disk_gb) - z.disk_gb)
+
+    def host(self, name: str) -> HostSpec:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+_PATH_IN_MSG = re.compile(r"^(.*) - at `\$(.*)`$")
+
+
+_STEP = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def _value_at(raw, path: str):
+    """The offending value in the untyped document, to quote it in the message."""
+    node = raw
+    for key, index in _STEP.findall(path):
+        try:
+            node = node[int(index)] if index else node[key]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return _MISSING
+    return node
+
+
+_MISSING = object()
+
+
+def _where(msg: str, text) -> str:
+    """msgspec says 'Expected `int` >= 1 - at `$.hosts[1].memory_mb`'; we say
+    'hosts[1].memory_mb: expected int >= 1, got -5'."""
+    m = _PATH_IN_MSG.match(msg)
+    if not m:
+        return msg.replace("`", "") + " (top level)"
+    what, path = m.groups()
+    what = what.replace("`", "")
+    got = ""
+    if what.startswith("Expected") and ", got" not in what:
+        value = _value_at(msgspec.yaml.decode(text), path)
+        if value is not _MISSING:
+            got = f", got {value!r}"
+    return f"{path.lstrip('.') or '(top level)'}: {what[:1].lower()}{what[1:]}{got}"
+
+
+def parse(text: str | bytes, source: str = "cluster.yaml") -> ClusterConfig:
+    try:
+        cfg = msgspec.yaml.decode(text, type=ClusterConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_where(str(exc), text)}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: YAML syntax: {_yaml_position(exc)}") from None
+    _check(cfg, source)
+    return cfg
+
+
+def _yaml_position(exc: Exception) -> str:
+    cause = exc.__cause__ or exc.__context__
+    mark = getattr(cause, "problem_mark", None)
+    problem = getattr(cause, "problem", None) or str(exc)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
+
+
+def _check(cfg: ClusterConfig, source: str) -> None:
+    if not cfg.hosts:
+        raise ConfigError(f"{source}: hosts: at least one host is needed")
+    seen: dict[str, int] = {}
+    for i, h in enumerate(cfg.hosts):
+        if h.name in seen:
+            raise ConfigError(f"{source}: hosts[{i}].name: {h.name!r} is also "
+                              f"hosts[{seen[h.name]}].name; names must be unique")
+        seen[h.name] = i
+        if h.driver == "libvirt" and not h.instances_path:
+            raise ConfigError(f"{source}: hosts[{i}].instances_path: required for the "
+                              f"libvirt driver")
+        limit = cfg.limit(h)
+        if min(limit.vcpus, limit.memory_mb, limit.disk_gb) < 0:
+            raise ConfigError(f"{source}: hosts[{i}]: reserved exceeds capacity x ratio "
+                              f"({limit})")
+    if not cfg.flavors:
+        raise ConfigError(f"{source}: flavors: at least one flavor is needed")
+
+
+def load(path: str | Path, state_dir: str | None = None) -> ClusterConfig:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: {path}: {exc.strerror}") from None
+    cfg = parse(text, str(path))
+    base = path.resolve().parent
+    state = Path(state_dir) if state_dir else base / cfg.state_dir
+    hosts = [msgspec.structs.replace(h, instances_path=str(base / h.instances_path))
+             if h.instances_path else h for h in cfg.hosts]
+    return msgspec.structs.replace(cfg, state_dir=str(state.resolve()), hosts=hosts,
+                                   path=str(path.resolve()))

@@ -1,0 +1,660 @@
+"""The controller: accepts intents, schedules, and drives each migration step by step.
+
+Orchestration, not choreography: the controller asks the destination to claim, the
+source to move the disks, the destination to finish, then the source to confirm or the
+destination and the source to revert. It logs every request (deduplicated by request
+id) and every destination it chose in its own log, and learns the cluster's state from
+the events the hosts return, folded by the same projections the auditor uses.
+
+Each migration is driven by `_reconcile`, which looks at the migration's projected state
+and sends the one command that moves it on. Command ids are derived from the migration id
+and the step, so after a lost reply, a host crash or the controller's own restart the
+same command is sent again and the host answers it from its log. The controller never
+gives up on a host that is down: it retries with a bounded backoff until it answers.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Protocol
+
+import msgspec
+
+from vmresize.actors import commands as c
+from vmresize.actors.commands import Reply
+from vmresize.actors.host import probe_name
+from vmresize.events import schema as ev
+from vmresize.events.codec import decode_controller, encode
+from vmresize.events.schema import ControllerEnvelope, Flavor, MigrationSpec, Resources
+from vmresize.projections.fold import Projection, apply, merge_logs
+from vmresize.projections.state import (CONFIRMED, ERROR, FINISHED, MIGRATING,
+                                        POST_MIGRATING, PRE_MIGRATING, REVERTED, REVERTING,
+                                        Instance, Ledger, Migration)
+
+
+MAX_STEPS = 64      # a migration takes at most ~10 steps; more means a protocol bug
+
+
+class OperationError(Exception):
+    """A request refused or failed: unknown name, wrong state, NoValidHost, a step that
+    failed and was rolled back. The message says which and why."""
+
+
+class HostUnavailable(Exception):
+    """The transport could not deliver a command or its reply (down, timed out)."""
+
+
+class Transport(Protocol):
+    async def call(self, host: str, cmd: c.Command, timeout_s: float) -> Reply: ...
+
+    async def events_since(self, host: str, offset: int, timeout_s: float) -> list: ...
+
+
+class HostInfo(msgspec.Struct, frozen=True):
+    """A host as the controller's views show it."""
+    name: str
+    driver: str
+    up: bool
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    vcpus_used: int
+    memory_mb_used: int
+    disk_gb_used: int
+    limit: Resources = ev.ZERO
+
+
+class Options(msgspec.Struct, frozen=True):
+    allow_resize_to_same_host: bool = False
+    resize_confirm_window_s: float = 0
+    max_attempts: int = 3
+    step_timeout_s: float = 60
+    cleanup_attempts: int = 5
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 5.0
+
+
+class HostEntry(msgspec.Struct, frozen=True):
+    name: str
+    driver: str
+    capacity: Resources
+    limit: Resources
+
+
+class _Request(msgspec.Struct):
+    """An open request as the controller's log says."""
+    request_id: str
+    kind: str                  # boot | resize | confirm | revert
+    instance_uuid: str = ""
+    migration_id: str = ""
+    name: str = ""
+    flavor: str = ""
+    host: str = ""
+    stopped: bool = False
+    migration_type: str = "resize"
+    created_at: float = 0.0
+    attempts: list[str] = []   # destinations chosen so far (resize) or hosts tried (boot)
+    ended: bool = False
+    ok: bool = False
+    outcome: str = ""
+
+
+class Controller:
+    def __init__(self, *, log, transport: Transport, hosts: list[HostEntry],
+                 flavors: dict[str, Flavor], options: Options,
+                 clock: Callable[[], float], sleep: Callable[[float], Awaitable],
+                 new_id: Callable[[], str], spawn_task: Callable | None = None,
+                 image: str = ""):
+        self.log = log
+        self.transport = transport
+        self.hosts = {h.name: h for h in hosts}
+        self.flavors = flavors
+        self.opt = options
+        self.clock = clock
+        self.sleep = sleep
+        self.new_id = new_id
+        self.image = image
+        self._spawn_task = spawn_task or asyncio.ensure_future
+        self.view = Projection()
+        self._applied: dict[str, set[int]] = {}
+        self.disks: dict[str, tuple] = {}          # migration id -> DiskMigrated.disks
+        self.requests: dict[str, _Request] = {}
+        self.by_migration: dict[str, _Request] = {}
+        self.tasks: dict[str, asyncio.Future] = {}
+        self.down_until: dict[str, float] = {}     # host -> when to try it again
+        self.round_trips = 0
+        self._confirm_timers: dict[str, asyncio.Future] = {}
+
+    # ------------------------------------------------------------------ log & view
+
+    def _record(self, env: ControllerEnvelope) -> None:
+        e = env.event
+        t = type(e)
+        if t is ev.BootRequested:
+            self.requests[e.request_id] = _Request(
+                e.request_id, "boot", e.instance_uuid, name=e.name, flavor=e.flavor,
+                host=e.host, stopped=e.stopped, created_at=env.wall_time)
+        elif t is ev.ResizeRequested:
+            r = _Request(e.request_id, "resize", e.instance_uuid, e.migration_id,
+                         flavor=e.new_flavor, host=e.host, migration_type=e.migration_type,
+                         created_at=e.created_at or env.wall_time)
+            self.requests[e.request_id] = r
+            self.by_migration[e.migration_id] = r
+        elif t in (ev.ConfirmRequested, ev.RevertRequested):
+            kind = "confirm" if t is ev.ConfirmRequested else "revert"
+            self.requests[e.request_id] = _Request(e.request_id, kind,
+                                                   migration_id=e.migration_id)
+        elif t is ev.DestinationChosen:
+            self.requests[e.request_id].attempts.append(e.dest)
+        elif t is ev.RequestEnded:
+            r = self.requests[e.request_id]
+            r.ended, r.ok, r.outcome = True, e.ok, e.outcome
+
+    async def _log(self, event) -> None:
+        envs = []
+
+        def stamp(offset, event):
+            env = ControllerEnvelope("controller", offset, self.clock(), event)
+            envs.append(env)
+            return encode(env)
+
+        await self.log.append_async([event], stamp)
+        for env in envs:
+            self._record(env)
+
+    def learn(self, envelopes) -> None:
+        """Fold host events into the view, each once, whatever order replies come in."""
+        for env in envelopes:
+            seen = self._applied.setdefault(env.host, set())
+            if env.offset in seen:
+                continue
+            seen.add(env.offset)
+            apply(self.view, env)
+            if type(env.event) is ev.DiskMigrated:
+                self.disks[env.event.migration_id] = env.event.disks
+
+    async def start(self) -> None:
+        """Replay our log, pull every host's events, resume every open request."""
+        for offset, payload in self.log.read(0):
+            self._record(decode_controller(payload))
+        pulled = {host: await self._pull(host) for host in sorted(self.hosts)}
+        self.learn(merge_logs(pulled))      # instance events in version order
+        for r in list(self.requests.values()):
+            if not r.ended:
+                self._drive(r)
+        for mig in self.view.migrations.values():
+            if mig.status == FINISHED:
+                self._arm_auto_confirm(mig)
+
+    async def _pull(self, host: str) -> list:
+        delay = self.opt.retry_backoff_s
+        while True:
+            try:
+                envs = await self.transport.events_since(host, 0, self.opt.step_timeout_s)
+                self.down_until.pop(host, None)
+                return envs
+            except HostUnavailable:
+                self._mark_down(host)
+                await self.sleep(delay)
+                delay = min(delay * 2, self.opt.retry_backoff_max_s)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(self, host: str, cmd: c.Command) -> Reply:
+        """Deliver `cmd` until its host answers. Same command id every time."""
+        delay = self.opt.retry_backoff_s
+        while True:
+            try:
+                self.round_trips += 1
+                reply = await self.transport.call(host, cmd, self.opt.step_timeout_s * 2)
+            except HostUnavailable:
+                self._mark_down(host)
+                await self.sleep(delay)
+                delay = min(delay * 2, self.opt.retry_backoff_max_s)
+                continue
+            self.down_until.pop(host, None)
+            self.learn(reply.events)
+            return reply
+
+    async def _send_cleanup(self, host: str, cmd, step: str) -> Reply:
+        """A step that can only be retried: retry a failing driver a bounded number of
+        times, then record it as failed (not rolled back) so the audit shows it."""
+        for _ in range(self.opt.cleanup_attempts):
+            reply = await self._send(host, cmd)
+            if reply.ok or not reply.retryable:
+                return reply
+            await self.sleep(self.opt.retry_backoff_s)
+        abandon = c.AbandonStep(command_id=cmd.command_id + ":abandon",
+                                instance_uuid=cmd.instance_uuid,
+                                instance_version=self._version(cmd.instance_uuid),
+                                migration_id=cmd.migration_id, step=step,
+                                reason=reply.reason)
+        return await self._send(host, abandon)
+
+    def _mark_down(self, host: str) -> None:
+        self.down_until[host] = self.clock() + self.opt.retry_backoff_max_s * 2
+
+    def is_up(self, host: str) -> bool:
+        """Up unless it failed to answer within the last few seconds."""
+        return self.clock() >= self.down_until.get(host, 0.0)
+
+    def _version(self, uuid: str) -> int:
+        inst = self.view.instances.get(uuid)
+        return inst.version if inst else 0
+
+    # ------------------------------------------------------------------ queries
+
+    def instance_by_name(self, name: str) -> Instance:
+        for inst in self.view.instances.values():
+            if inst.name == name and not inst.deleted:
+                return inst
+        raise OperationError(f"no instance named {name!r}")
+
+    def migration(self, mid: str) -> Migration:
+        mig = self.view.migrations.get(mid)
+        if mig is not None:
+            return mig
+        r = self.by_migration.get(mid)
+        if r is None:
+            raise OperationError(f"no migration {mid!r}")
+        return self._pending_migration(r)
+
+    def _pending_migration(self, r: _Request) -> Migration:
+        """A migration that no host has claimed yet (scheduling, or NoValidHost)."""
+        inst = self.view.instances.get(r.instance_uuid)
+        old = inst.flavor if inst else self.flavors.get(r.flavor)
+        status = ERROR if r.ended else PRE_MIGRATING
+        return Migration(id=r.migration_id, instance_uuid=r.instance_uuid,
+                         dest_settled=r.ended, source_settled=r.ended,
+                         source_compute=inst.host if inst else "",
+                         dest_compute=r.attempts[-1] if r.attempts else "",
+                         status=status, migration_type=r.migration_type, old_flavor=old,
+                         new_flavor=self.flavors[r.flavor], created_at=r.created_at,
+                         updated_at=r.created_at, reason=r.outcome)
+
+    def migrations(self) -> list[Migration]:
+        out = dict(self.view.migrations)
+        for mid, r in self.by_migration.items():
+            if mid not in out:
+                out[mid] = self._pending_migration(r)
+        return sorted(out.values(), key=lambda m: (m.created_at, m.id))
+
+    def instances(self) -> list[Instance]:
+        return sorted((i for i in self.view.instances.values() if not i.deleted),
+                      key=lambda i: i.name)
+
+    def host_infos(self) -> list[HostInfo]:
+        out = []
+        for name, h in sorted(self.hosts.items()):
+            used = self.view.ledgers.get(name, Ledger(host=name)).used
+            out.append(HostInfo(name, h.driver, self.is_up(name), h.capacity.vcpus,
+                                h.capacity.memory_mb, h.capacity.disk_gb, used.vcpus,
+                                used.memory_mb, used.disk_gb, h.limit))
+        return out
+
+    def open_migration_of(self, uuid: str) -> Migration | None:
+        for r in self.by_migration.values():
+            if r.instance_uuid == uuid and not r.ended:
+                return self.migration(r.migration_id)
+        inst = self.view.instances.get(uuid)
+        if inst and inst.migration_id:
+            mig = self.view.migrations.get(inst.migration_id)
+            if mig is not None and not mig.final:
+                return mig
+        return None
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _free(self, host: str) -> Resources:
+        entry = self.hosts[host]
+        return entry.limit - self.view.ledgers.get(host, Ledger(host=host)).used
+
+    def candidates(self, need: Resources, source: str, exclude: set[str],
+                   forced: str = "") -> list[str]:
+        """Filters: host up, fits with ratios, same-host policy. Weigher: spread (the
+        host with the most free memory first)."""
+        names = [forced] if forced else sorted(self.hosts)
+        out = []
+        for name in names:
+            if name in exclude or not self.is_up(name):
+                continue
+            if name == source and not self.opt.allow_resize_to_same_host:
+                continue
+            if not need.fits_in(self._free(name)):
+                continue
+            out.append(name)
+        return sorted(out, key=lambda h: (-self._free(h).memory_mb, -self._free(h).vcpus, h))
+
+    # ------------------------------------------------------------------ intents
+
+    def _flavor(self, name: str) -> Flavor:
+        try:
+            return self.flavors[name]
+        except KeyError:
+            raise OperationError(f"unknown flavor {name!r} (known: "
+                                 f"{', '.join(sorted(self.flavors))})") from None
+
+    def _check_host(self, host: str | None) -> None:
+        if host and host not in self.hosts:
+            raise OperationError(f"unknown host {host!r} (known: "
+                                 f"{', '.join(sorted(self.hosts))})")
+
+    async def boot(self, name: str, flavor: str, host: str | None = None,
+                   stopped: bool = False, request_id: str | None = None) -> Instance:
+        request_id = request_id or self.new_id()
+        if request_id not in self.requests:
+            self._flavor(flavor)
+            self._check_host(host)
+            if any(i.name == name for i in self.instances()) or any(
+                    r.kind == "boot" and r.name == name and not r.ended
+                    for r in self.requests.values()):
+                raise OperationError(f"an instance named {name!r} already exists")
+            await self._log(ev.BootRequested(request_id=request_id,
+                                             instance_uuid=self.new_id(), name=name,
+                                             flavor=flavor, host=host or "",
+                                             stopped=stopped))
+        r = self.requests[request_id]
+        await self._wait(self._drive(r))
+        if not r.ok:
+            raise OperationError(r.outcome)
+        return self.view.instances[r.instance_uuid]
+
+    async def resize(self, name: str, flavor: str | None, host: str | None = None,
+                     wait: bool = True, request_id: str | None = None) -> Migration:
+        """Resize to `flavor`, or cold-migrate when `flavor` is None or the same."""
+        request_id = request_id or self.new_id()
+        if request_id not in self.requests:
+            await self._new_resize(request_id, name, flavor, host)
+        r = self.requests[request_id]
+        task = self._drive(r)
+        if not wait:
+            return self.migration(r.migration_id)
+        await self._wait(task)
+        mig = self.migration(r.migration_id)
+        if not r.ok:
+            raise OperationError(r.outcome)
+        return mig
+
+    async def _new_resize(self, request_id, name, flavor, host) -> None:
+        inst = self.instance_by_name(name)
+        new = self._flavor(flavor) if flavor else inst.flavor
+        self._check_host(host)
+        if inst.vm_state not in ("active", "stopped") or inst.task_state:
+            raise OperationError(f"instance {name!r} is {inst.vm_state}"
+                                 f"{'/' + inst.task_state if inst.task_state else ''}; "
+                                 f"a resize needs it active or stopped")
+        busy = self.open_migration_of(inst.uuid)
+        if busy is not None:
+            raise OperationError(f"instance {name!r} is already in migration {busy.id} "
+                                 f"({busy.status})")
+        if host == inst.host and not self.opt.allow_resize_to_same_host:
+            raise OperationError(f"--host {host}: resize to the same host is not allowed "
+                                 f"(allow_resize_to_same_host is false)")
+        kind = "migration" if new == inst.flavor else "resize"
+        await self._log(ev.ResizeRequested(request_id=request_id,
+                                           migration_id=self.new_id(),
+                                           instance_uuid=inst.uuid, new_flavor=new.name,
+                                           migration_type=kind, host=host or "",
+                                           created_at=self.clock()))
+
+    async def confirm(self, name: str, request_id: str | None = None) -> Migration:
+        return await self._finish_request(name, "confirm", request_id)
+
+    async def revert(self, name: str, request_id: str | None = None) -> Migration:
+        return await self._finish_request(name, "revert", request_id)
+
+    async def _finish_request(self, name, kind, request_id) -> Migration:
+        request_id = request_id or self.new_id()
+        if request_id not in self.requests:
+            inst = self.instance_by_name(name)
+            mig = self.view.migrations.get(inst.migration_id)
+            if mig is None or mig.status != FINISHED:
+                state = f"{inst.vm_state}" + (f", migration {mig.status}" if mig else "")
+                raise OperationError(f"cannot {kind} {name!r}: it is not waiting in "
+                                     f"VERIFY_RESIZE ({state})")
+            cls = ev.ConfirmRequested if kind == "confirm" else ev.RevertRequested
+            await self._log(cls(request_id=request_id, migration_id=mig.id))
+        r = self.requests[request_id]
+        await self._wait(self._drive(r))
+        if not r.ok:
+            raise OperationError(r.outcome)
+        return self.migration(r.migration_id)
+
+    async def wait_migration(self, mid: str) -> Migration:
+        r = self.by_migration.get(mid)
+        if r is not None:
+            await self._wait(self._drive(r))
+        return self.migration(mid)
+
+    async def _wait(self, task) -> None:
+        await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ driving
+
+    def _drive(self, r: _Request):
+        task = self.tasks.get(r.request_id)
+        if task is None or (task.done() and not r.ended):
+            coro = {"boot": self._run_boot, "resize": self._run_resize,
+                    "confirm": self._run_confirm, "revert": self._run_revert}[r.kind](r)
+            task = self._spawn_task(coro)
+            self.tasks[r.request_id] = task
+        return task
+
+    async def _end(self, r: _Request, ok: bool, outcome: str = "") -> None:
+        if not r.ended:
+            await self._log(ev.RequestEnded(request_id=r.request_id, ok=ok, outcome=outcome,
+                                            migration_id=r.migration_id))
+
+    async def _run_boot(self, r: _Request) -> None:
+        flavor = self.flavors[r.flavor]
+        tried: set[str] = set()
+        for attempt in range(self.opt.max_attempts):
+            inst = self.view.instances.get(r.instance_uuid)
+            if inst is not None and inst.vm_state != "building":
+                break
+            if inst is not None:           # spawn logged, outcome pending: ask again
+                host = inst.host
+            else:
+                hosts = self.candidates(flavor.resources(), "", tried, r.host)
+                if not hosts:
+                    break
+                host = hosts[0]
+            tried.add(host)
+            cmd = c.Spawn(command_id=f"{r.instance_uuid}:spawn:{host}",
+                          instance_uuid=r.instance_uuid, instance_version=0, name=r.name,
+                          flavor=flavor, stopped=r.stopped, image=self.image)
+            await self._send(host, cmd)
+        inst = self.view.instances.get(r.instance_uuid)
+        if inst is None:
+            where = f"host {r.host}" if r.host else f"any of {len(self.hosts)} hosts"
+            await self._end(r, False, f"no valid host: {r.name} ({r.flavor}) fits on "
+                                      f"no {where}")
+        elif inst.vm_state == "error":
+            await self._end(r, False, f"spawn of {r.name} failed on {inst.host}")
+        else:
+            await self._end(r, True)
+
+    async def _run_resize(self, r: _Request) -> None:
+        for _ in range(MAX_STEPS):
+            if r.ended:
+                return
+            mig = self.view.migrations.get(r.migration_id)
+            if mig is None:
+                if not await self._claim(r):
+                    return
+            elif mig.status == PRE_MIGRATING:
+                await self._resize_instance(r, mig)
+            elif mig.status in (MIGRATING, POST_MIGRATING):
+                if mig.disk_migrated:
+                    await self._finish_resize(mig)
+                else:
+                    await self._resize_instance(r, mig)
+            elif mig.status == FINISHED:
+                self._arm_auto_confirm(mig)
+                await self._end(r, True)
+            elif mig.status == ERROR:
+                await self._compensate(mig)
+                await self._end(r, False, f"{mig.migration_type} of "
+                                          f"{self._name(mig)} failed: {mig.reason}")
+            else:     # confirmed or reverted by someone else meanwhile
+                await self._end(r, True)
+        if not r.ended:
+            raise AssertionError(f"migration {r.migration_id} did not settle in "
+                                 f"{MAX_STEPS} steps")
+
+    def _name(self, mig: Migration) -> str:
+        inst = self.view.instances.get(mig.instance_uuid)
+        return inst.name if inst else mig.instance_uuid
+
+    async def _claim(self, r: _Request) -> bool:
+        """Try destinations until one claims; False after NoValidHost."""
+        inst = self.view.instances[r.instance_uuid]
+        new = self.flavors[r.flavor]
+        while True:
+            if r.attempts:      # a destination was chosen: ask it (again, after a restart)
+                dest = r.attempts[-1]
+                await self._send(dest, self._prep(r, inst, new, dest))
+                if r.migration_id in self.view.migrations:
+                    return True
+                if len(r.attempts) >= self.opt.max_attempts:
+                    break
+            hosts = self.candidates(new.resources(), inst.host, set(r.attempts), r.host)
+            if not hosts:
+                break
+            await self._log(ev.DestinationChosen(request_id=r.request_id,
+                                                 migration_id=r.migration_id,
+                                                 dest=hosts[0], attempt=len(r.attempts) + 1))
+        tried = ", ".join(r.attempts) or "none fits"
+        await self._end(r, False, f"no valid host for {inst.name} ({r.flavor}) after "
+                                  f"{len(r.attempts)} attempt(s): {tried}")
+        return False
+
+    def _prep(self, r: _Request, inst: Instance, new: Flavor, dest: str) -> c.PrepResize:
+        spec = MigrationSpec(name=inst.name, source=inst.host, dest=dest,
+                             old_flavor=inst.flavor, new_flavor=new,
+                             old_resources=inst.resources, new_resources=new.resources(),
+                             migration_type=r.migration_type,
+                             vm_state=inst.vm_state if inst.vm_state in ("active", "stopped")
+                             else "active", created_at=r.created_at)
+        return c.PrepResize(command_id=f"{r.migration_id}:prep:{len(r.attempts)}",
+                            instance_uuid=inst.uuid, instance_version=inst.version,
+                            migration_id=r.migration_id, spec=spec,
+                            allow_same_host=self.opt.allow_resize_to_same_host)
+
+    def _spec(self, mig: Migration) -> MigrationSpec:
+        return MigrationSpec(name=self._name(mig), source=mig.source_compute,
+                             dest=mig.dest_compute, old_flavor=mig.old_flavor,
+                             new_flavor=mig.new_flavor, old_resources=mig.old_resources,
+                             new_resources=mig.new_resources,
+                             migration_type=mig.migration_type, vm_state=mig.vm_state,
+                             created_at=mig.created_at)
+
+    async def _resize_instance(self, r: _Request, mig: Migration) -> None:
+        cmd = c.ResizeInstance(command_id=f"{mig.id}:resize", instance_uuid=mig.instance_uuid,
+                               instance_version=self._version(mig.instance_uuid),
+                               migration_id=mig.id, spec=self._spec(mig),
+                               probe=probe_name(mig.id))
+        reply = await self._send(mig.source_compute, cmd)
+        if not reply.ok and not reply.events:
+            # Refused before anything happened (stale version, wrong host): undo the claim.
+            await self._release(mig, "dest", reply.reason)
+
+    async def _finish_resize(self, mig: Migration) -> None:
+        cmd = c.FinishResize(command_id=f"{mig.id}:finish", instance_uuid=mig.instance_uuid,
+                             instance_version=self._version(mig.instance_uuid),
+                             migration_id=mig.id, disks=self.disks.get(mig.id, ()),
+                             shared_storage=mig.shared_storage)
+        reply = await self._send(mig.dest_compute, cmd)
+        if not reply.ok and not reply.events:
+            await self._release(mig, "dest", reply.reason)
+            await self._restore(self.view.migrations[mig.id])
+
+    async def _release(self, mig: Migration, role: str, reason: str) -> None:
+        host = mig.dest_compute if role == "dest" else mig.source_compute
+        cmd = c.ReleaseClaim(command_id=f"{mig.id}:release-{role}",
+                             instance_uuid=mig.instance_uuid,
+                             instance_version=self._version(mig.instance_uuid),
+                             migration_id=mig.id, role=role, reason=reason,
+                             remove_disks=mig.source_started and not mig.shared_storage)
+        await self._send_until_ok(host, cmd)
+
+    async def _restore(self, mig: Migration) -> None:
+        cmd = c.RestoreSource(command_id=f"{mig.id}:restore", instance_uuid=mig.instance_uuid,
+                              instance_version=self._version(mig.instance_uuid),
+                              migration_id=mig.id)
+        await self._send_cleanup(mig.source_compute, cmd, "restore")
+
+    async def _send_until_ok(self, host, cmd) -> Reply:
+        for _ in range(self.opt.cleanup_attempts * 4):
+            reply = await self._send(host, cmd)
+            if reply.ok or not reply.retryable:
+                return reply
+            await self.sleep(self.opt.retry_backoff_s)
+        return reply
+
+    async def _compensate(self, mig: Migration) -> None:
+        """After a failure: make both ends let go of what the migration holds."""
+        mig = self.view.migrations[mig.id]
+        if not mig.dest_settled:
+            await self._release(mig, "dest", mig.reason)
+        mig = self.view.migrations[mig.id]
+        if mig.source_started and not mig.source_settled:
+            if mig.failed_step == "finish":
+                await self._restore(mig)
+            else:
+                await self._release(mig, "source", mig.reason)
+
+    # ------------------------------------------------------------------ confirm / revert
+
+    async def _run_confirm(self, r: _Request) -> None:
+        mig = self.view.migrations[r.migration_id]
+        if mig.status in (FINISHED, "confirming"):
+            cmd = c.ConfirmResize(command_id=f"{mig.id}:confirm",
+                                  instance_uuid=mig.instance_uuid,
+                                  instance_version=self._version(mig.instance_uuid),
+                                  migration_id=mig.id, shared_storage=mig.shared_storage)
+            await self._send_cleanup(mig.source_compute, cmd, "confirm")
+        mig = self.view.migrations[r.migration_id]
+        await self._end(r, mig.status == CONFIRMED,
+                        "" if mig.status == CONFIRMED else
+                        f"confirm of {self._name(mig)} ended {mig.status}: {mig.reason}")
+
+    async def _run_revert(self, r: _Request) -> None:
+        mig = self.view.migrations[r.migration_id]
+        if mig.status == FINISHED or (mig.status == REVERTING and not mig.dest_reverted):
+            cmd = c.RevertResize(command_id=f"{mig.id}:revert",
+                                 instance_uuid=mig.instance_uuid,
+                                 instance_version=self._version(mig.instance_uuid),
+                                 migration_id=mig.id, shared_storage=mig.shared_storage)
+            await self._send_cleanup(mig.dest_compute, cmd, "revert")
+        mig = self.view.migrations[r.migration_id]
+        if mig.status == REVERTING and mig.dest_reverted:
+            cmd = c.FinishRevertResize(command_id=f"{mig.id}:finish-revert",
+                                       instance_uuid=mig.instance_uuid,
+                                       instance_version=self._version(mig.instance_uuid),
+                                       migration_id=mig.id)
+            await self._send_cleanup(mig.source_compute, cmd, "finish_revert")
+        mig = self.view.migrations[r.migration_id]
+        if mig.status == ERROR:
+            await self._compensate(mig)
+        await self._end(r, mig.status == REVERTED,
+                        "" if mig.status == REVERTED else
+                        f"revert of {self._name(mig)} ended {mig.status}: {mig.reason}")
+
+    def _arm_auto_confirm(self, mig: Migration) -> None:
+        window = self.opt.resize_confirm_window_s
+        if window <= 0 or mig.id in self._confirm_timers:
+            return
+        self._confirm_timers[mig.id] = self._spawn_task(self._auto_confirm(mig, window))
+
+    async def _auto_confirm(self, mig: Migration, window: float) -> None:
+        await self.sleep(max(0.0, mig.updated_at + window - self.clock()))
+        current = self.view.migrations.get(mig.id)
+        if current is None or current.status != FINISHED:
+            return
+        if any(r.migration_id == mig.id and r.kind in ("confirm", "revert")
+               for r in self.requests.values()):
+            return
+        try:
+            await self.confirm(self._name(current), request_id=f"{mig.id}:auto-confirm")
+        except OperationError:
+            pass     # the migration moved on meanwhile (a revert won the race)

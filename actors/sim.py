@@ -1,0 +1,509 @@
+"""The deterministic simulator: the real Host shells and Controller in one process.
+
+A virtual clock (actors/vclock.py), one seeded `random.Random`, and a transport that
+delays, reorders, duplicates and drops messages. Hosts crash after any appended event
+(or inside a driver call, through the FakeDriver's fault plan) and restart from their
+logs; the controller crashes and restarts from its log too. After every appended event
+the auditor's incremental checks run (capacity, version chains, state machine); at the
+end every fault is healed, every migration must reach a final state (liveness), and the
+whole state directory is audited as `vmresize audit` would. Same seed and arguments,
+same history, same `digest`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from vmresize.actors import commands as c
+from vmresize.actors.config import ClusterConfig
+from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
+                                        OperationError, Options)
+from vmresize.actors.host import HostPolicy
+from vmresize.actors.shell import HostEventLog, HostShell
+from vmresize.actors.vclock import VirtualLoop
+from vmresize.drivers.fake import FakeDriver, FakeStorage, FaultPlan, HostCrashed, Latency
+from vmresize.events.codec import encode
+from vmresize.events.log import SegmentLog
+from vmresize.projections.audit import _Checker, audit
+from vmresize.projections.state import FINISHED
+
+FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "driver")
+EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
+
+
+class SimConfig(msgspec.Struct, frozen=True):
+    seed: int
+    hosts: int = 4
+    instances: int = 20
+    operations: int = 200
+    faults: tuple[str, ...] = FAULT_KINDS
+    concurrency: int = 32
+    crash_p: float = 0.002          # per appended event, a host crash right after it
+    controller_crash_p: float = 0.0003
+    drop_p: float = 0.01
+    duplicate_p: float = 0.01
+    driver_fail_p: float = 0.01
+    driver_hang_p: float = 0.002
+    driver_crash_p: float = 0.002
+    shared_pairs: bool = True       # odd hosts share storage with the next one
+
+
+class SimResult(msgspec.Struct):
+    seed: int
+    operations: int
+    resizes_finished: int
+    resizes_failed: int
+    crashes: int
+    violations: int
+    digest: str
+    wall_s: float
+    events: int
+    faults: dict[str, int]
+    virtual_s: float = 0.0
+    resizes_per_s: float = 0.0
+    events_per_s: float = 0.0
+    violation_list: list[str] = []
+    command: str = ""
+
+
+class _Host:
+    """One simulated compute host: its log and driver survive crashes, its shell not."""
+
+    def __init__(self, name: str, raw_log, driver: FakeDriver):
+        self.name = name
+        self.raw_log = raw_log
+        self.driver = driver
+        self.shell: HostShell | None = None
+        self.tasks: set[asyncio.Future] = set()
+        self.generation = 0
+
+
+class _TappedLog(HostEventLog):
+    """A host's log that reports every append to the simulator (checks, digest, crash
+    points between events)."""
+
+    def __init__(self, sim: "Simulator", host: _Host, raw, clock):
+        super().__init__(raw, host.name, clock)
+        self.sim = sim
+        self.sim_host = host
+        self.generation = host.generation
+
+    async def append(self, events: list):
+        if self.generation != self.sim_host.generation:
+            raise HostCrashed()     # a task of a crashed incarnation: never append
+        envs = await super().append(events)
+        self.sim.observe(envs)
+        if self.sim.roll("crash", self.sim.cfg.crash_p):
+            self.sim.crash_host(self.sim_host.name)
+            raise HostCrashed()
+        return envs
+
+
+class Simulator:
+    def __init__(self, cluster: ClusterConfig, cfg: SimConfig, state_dir: str | Path,
+                 *, progress: Callable[[int, int], None] | None = None,
+                 shell_class=HostShell, controller_class=Controller):
+        self.cluster = cluster
+        self.cfg = cfg
+        self.state_dir = Path(state_dir)
+        self.rng = random.Random(cfg.seed)
+        self.progress = progress
+        self.shell_class = shell_class
+        self.controller_class = controller_class
+        self.faults_on = True
+        self.injected: dict[str, int] = {k: 0 for k in FAULT_KINDS}
+        self.hash = hashlib.sha256()
+        self.checker = _Checker()
+        self.events = 0
+        self.hosts: dict[str, _Host] = {}
+        self.controller: Controller | None = None
+        self.controller_tasks: set[asyncio.Future] = set()
+        self.controller_generation = 0
+        self.controller_ready: asyncio.Event | None = None
+        self.done_ops = 0
+        self.finished = 0
+        self.failed = 0
+        self.crashes = 0
+        self.history: list[str] = []
+
+    # ------------------------------------------------------------------ randomness
+
+    def roll(self, kind: str, p: float) -> bool:
+        if not self.faults_on or kind not in self.cfg.faults or p <= 0:
+            return False
+        if self.rng.random() < p:
+            self.injected[kind] += 1
+            return True
+        return False
+
+    def new_id(self) -> str:
+        h = f"{self.rng.getrandbits(128):032x}"
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
+
+    def clock(self) -> float:
+        return EPOCH + asyncio.get_running_loop().time()
+
+    # ------------------------------------------------------------------ observation
+
+    def observe(self, envs) -> None:
+        for env in envs:
+            self.hash.update(encode(env))
+            self.checker.feed(env)
+            self.events += 1
+
+    # ------------------------------------------------------------------ hosts
+
+    def _policy(self) -> tuple[HostPolicy, object]:
+        first = self.cluster.hosts[0]
+        return first, self.cluster.limit(first)
+
+    def build_hosts(self) -> None:
+        first, limit = self._policy()
+        storage = None
+        for i in range(1, self.cfg.hosts + 1):
+            name = f"sim-{i}"
+            raw = SegmentLog(self.state_dir / "hosts" / name / "log", fsync=False)
+            if not (self.cfg.shared_pairs and i % 2 == 0 and storage is not None):
+                storage = FakeStorage()     # odd hosts start a pool, even ones share it
+            plan = FaultPlan(seed=self.rng.getrandbits(32))
+            if "driver" in self.cfg.faults:
+                plan.fail_p = self.cfg.driver_fail_p
+                plan.hang_p = self.cfg.driver_hang_p
+            if "crash" in self.cfg.faults:
+                plan.crash_p = self.cfg.driver_crash_p
+            driver = FakeDriver(name, first.capacity, storage=storage, faults=plan,
+                                latency=Latency(0.05, 0.2),
+                                on_crash=lambda n=name: self._driver_crash(n),
+                                rng=random.Random(self.rng.getrandbits(32)))
+            self.hosts[name] = _Host(name, raw, driver)
+
+    def _driver_crash(self, name: str) -> None:
+        self.crash_host(name)
+        raise HostCrashed()
+
+    def _host_task(self, host: _Host, coro):
+        task = asyncio.ensure_future(coro)
+        host.tasks.add(task)
+        task.add_done_callback(host.tasks.discard)
+        return task
+
+    async def start_host(self, name: str) -> None:
+        host = self.hosts[name]
+        first, limit = self._policy()
+        log = _TappedLog(self, host, host.raw_log, self.clock)
+        shell = self.shell_class(
+            HostPolicy(name=name, limit=limit), log, host.driver, capacity=first.capacity,
+            step_timeout_s=self.cluster.options.step_timeout_s,
+            spawn_task=lambda coro, h=host: self._host_task(h, coro))
+        await shell.start()
+        host.shell = shell
+
+    def crash_host(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.shell is None:
+            return
+        self.crashes += 1
+        self.history.append(f"crash {name}")
+        host.shell = None
+        host.generation += 1
+        current = asyncio.current_task()
+        for task in list(host.tasks):
+            if task is not current:
+                task.cancel()
+        delay = 1 + self.rng.random() * 10
+        asyncio.get_running_loop().call_later(delay, self._restart_soon, name)
+
+    def _restart_soon(self, name: str) -> None:
+        asyncio.ensure_future(self._restart(name))
+
+    async def _restart(self, name: str) -> None:
+        if self.hosts[name].shell is None:
+            await self.start_host(name)
+
+    # ------------------------------------------------------------------ transport
+
+    def _delay(self) -> float:
+        d = 0.001
+        if "delay" in self.cfg.faults and self.faults_on:
+            d += self.rng.expovariate(1 / 0.02)
+        if self.roll("reorder", 0.05):
+            d += self.rng.random() * 2.0
+        return d
+
+    async def call(self, host_name: str, cmd: c.Command, timeout_s: float):
+        if self.roll("drop", self.cfg.drop_p):
+            await asyncio.sleep(timeout_s)
+            raise HostUnavailable(f"{host_name}: request lost")
+        await asyncio.sleep(self._delay())
+        host = self.hosts[host_name]
+        shell = host.shell
+        if shell is None:
+            await asyncio.sleep(0.5)
+            raise HostUnavailable(f"{host_name} is down")
+        if self.roll("duplicate", self.cfg.duplicate_p):
+            self._host_task(host, self._deliver_again(host, cmd))
+        task = self._host_task(host, shell.handle(cmd))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except asyncio.TimeoutError:
+            raise HostUnavailable(f"{host_name}: no reply in {timeout_s} s") from None
+        except HostCrashed:
+            raise HostUnavailable(f"{host_name} crashed") from None
+        except asyncio.CancelledError:
+            if task.cancelled() and asyncio.current_task().cancelling() == 0:
+                raise HostUnavailable(f"{host_name} crashed") from None
+            raise
+        if self.roll("drop", self.cfg.drop_p):
+            await asyncio.sleep(timeout_s)
+            raise HostUnavailable(f"{host_name}: reply lost")
+        await asyncio.sleep(self._delay())
+        return reply
+
+    async def _deliver_again(self, host: _Host, cmd: c.Command) -> None:
+        await asyncio.sleep(self._delay() * 3)
+        shell = host.shell
+        if shell is not None:
+            try:
+                await shell.handle(cmd)
+            except (HostCrashed, asyncio.CancelledError):
+                pass
+
+    async def events_since(self, host_name: str, offset: int, timeout_s: float) -> list:
+        await asyncio.sleep(self._delay())
+        host = self.hosts[host_name]
+        if host.shell is None:
+            await asyncio.sleep(0.5)
+            raise HostUnavailable(f"{host_name} is down")
+        return list(host.shell.log.replay(offset))
+
+    # ------------------------------------------------------------------ controller
+
+    def _controller_task(self, coro):
+        task = asyncio.ensure_future(coro)
+        self.controller_tasks.add(task)
+        task.add_done_callback(self.controller_tasks.discard)
+        return task
+
+    async def start_controller(self) -> None:
+        o = self.cluster.options
+        ctl = self.controller_class(
+            log=self.controller_log, transport=self,
+            hosts=[HostEntry(h, "fake", self.cluster.hosts[0].capacity, self._policy()[1])
+                   for h in self.hosts],
+            flavors=self.cluster.all_flavors(),
+            options=Options(allow_resize_to_same_host=o.allow_resize_to_same_host,
+                            resize_confirm_window_s=o.resize_confirm_window_s,
+                            max_attempts=o.max_attempts, step_timeout_s=o.step_timeout_s,
+                            cleanup_attempts=8),
+            clock=self.clock, sleep=asyncio.sleep, new_id=self.new_id,
+            spawn_task=self._controller_task)
+        self.controller = ctl
+        await ctl.start()
+        self.controller_ready.set()
+
+    def crash_controller(self) -> None:
+        if self.controller is None:
+            return
+        self.crashes += 1
+        self.history.append("crash controller")
+        self.controller = None
+        self.controller_generation += 1
+        self.controller_ready.clear()
+        for task in list(self.controller_tasks):
+            task.cancel()
+        self._controller_task(self._restart_controller())
+
+    async def _restart_controller(self) -> None:
+        await asyncio.sleep(1 + self.rng.random() * 5)
+        await self.start_controller()
+
+    async def ask(self, method: str, *args, **kw):
+        """Call the controller like a client would: again, with the same request id,
+        if the controller crashed meanwhile."""
+        kw.setdefault("request_id", self.new_id())
+        while True:
+            await self.controller_ready.wait()
+            ctl = self.controller
+            generation = self.controller_generation
+            call = asyncio.ensure_future(getattr(ctl, method)(*args, **kw))
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+            if generation == self.controller_generation:
+                raise AssertionError(f"{method} cancelled without a controller crash")
+
+    # ------------------------------------------------------------------ workload
+
+    async def _boot_all(self) -> list[str]:
+        names = [f"vm-{i}" for i in range(1, self.cfg.instances + 1)]
+        flavors = self._small_flavors()
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        plan = [(n, self.rng.choice(flavors), self.rng.random() < 0.1) for n in names]
+
+        async def boot(name, flavor, stopped):
+            async with sem:
+                try:
+                    await self.ask("boot", name, flavor, stopped=stopped)
+                except OperationError as exc:
+                    self.history.append(f"boot {name} refused: {exc}")
+
+        await asyncio.gather(*(boot(*p) for p in plan))
+        return names
+
+    def _small_flavors(self) -> list[str]:
+        """Flavors small enough that the cluster stays about half full (so most resizes
+        find a host and some do not), smallest first; at least two to resize between."""
+        first, limit = self._policy()
+        per_host = max(1.0, self.cfg.instances / self.cfg.hosts) * 2
+        fl = sorted(self.cluster.all_flavors().values(),
+                    key=lambda f: (f.memory_mb, f.root_gb, f.name))
+        ok = [f.name for f in fl if f.resources().memory_mb * per_host <= limit.memory_mb
+              and f.resources().disk_gb * per_host <= limit.disk_gb]
+        return ok if len(ok) >= 2 else [f.name for f in fl[:2]]
+
+    async def _client(self, names: list[str], busy: set[str], budget: list[int]) -> None:
+        flavors = self._small_flavors()
+        while budget[0] > 0:
+            free = [n for n in names if n not in busy]
+            if not free:
+                await asyncio.sleep(0.1)
+                continue
+            budget[0] -= 1
+            name = self.rng.choice(free)
+            busy.add(name)
+            try:
+                await self._operate(name, flavors)
+            finally:
+                busy.discard(name)
+                self.done_ops += 1
+                if self.progress:
+                    self.progress(self.done_ops, self.cfg.operations)
+
+    async def _operate(self, name: str, flavors: list[str]) -> None:
+        ctl = self.controller or await self._wait_controller()
+        try:
+            inst = ctl.instance_by_name(name)
+        except OperationError:
+            return
+        mig = ctl.view.migrations.get(inst.migration_id)
+        try:
+            if mig is not None and mig.status == FINISHED:
+                op = "confirm" if self.rng.random() < 0.6 else "revert"
+                await self.ask(op, name)
+            elif self.rng.random() < 0.2:
+                await self.ask("resize", name, None)
+                self.finished += 1
+            else:
+                await self.ask("resize", name, self._pick_flavor(inst.flavor.name, flavors))
+                self.finished += 1
+        except OperationError as exc:
+            self.failed += 1
+            self.history.append(f"{name}: {exc}")
+
+    def _pick_flavor(self, current: str, flavors: list[str]) -> str:
+        """Mostly up (a shrink is refused, which is worth testing, but not every time)."""
+        bigger = flavors[flavors.index(current) + 1:] if current in flavors else []
+        if bigger and self.rng.random() < 0.85:
+            return self.rng.choice(bigger)
+        return self.rng.choice(flavors)
+
+    async def _wait_controller(self) -> Controller:
+        await self.controller_ready.wait()
+        return self.controller
+
+    async def _chaos(self) -> None:
+        """Crash the controller now and then while the workload runs."""
+        while self.faults_on:
+            await asyncio.sleep(1.0)
+            if self.roll("crash", self.cfg.controller_crash_p * 50) and self.controller:
+                self.crash_controller()
+
+    # ------------------------------------------------------------------ run
+
+    async def _main(self) -> None:
+        self.controller_ready = asyncio.Event()
+        self.build_hosts()
+        self.controller_log = SegmentLog(self.state_dir / "controller" / "log", fsync=False)
+        for name in self.hosts:
+            await self.start_host(name)
+        await self.start_controller()
+        chaos = asyncio.ensure_future(self._chaos())
+        names = await self._boot_all()
+        busy: set[str] = set()
+        budget = [self.cfg.operations]
+        clients = min(self.cfg.concurrency, max(1, len(names) // 2))
+        await asyncio.gather(*(self._client(names, busy, budget) for _ in range(clients)))
+        await self._heal()
+        chaos.cancel()
+
+    async def _heal(self) -> None:
+        """Stop injecting faults, bring everything back, and drive every migration to a
+        final state: liveness."""
+        self.faults_on = False
+        for host in self.hosts.values():
+            host.driver.faults.heal()
+        for name, host in self.hosts.items():
+            if host.shell is None:
+                await self.start_host(name)
+        if self.controller is None:
+            await self.controller_ready.wait()
+        ctl = self.controller
+        while True:
+            pending = [t for t in ctl.tasks.values() if not t.done()]
+            pending += [t for h in self.hosts.values() for t in h.tasks if not t.done()]
+            if not pending:
+                break
+            await asyncio.gather(*pending, return_exceptions=True)
+        for mig in list(ctl.view.migrations.values()):
+            if mig.status == FINISHED:
+                await self.ask("confirm", ctl.view.instances[mig.instance_uuid].name)
+
+    def liveness(self) -> list[str]:
+        problems = []
+        ctl = self.controller
+        for mig in ctl.migrations():
+            if not mig.final:
+                problems.append(f"liveness: migration {mig.id} stuck in {mig.status}")
+        for inst in ctl.instances():
+            if inst.task_state is not None:
+                problems.append(f"liveness: instance {inst.name} stuck in "
+                                f"{inst.task_state}")
+        return problems
+
+    def run(self) -> SimResult:
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        started = time.perf_counter()
+        loop = VirtualLoop()
+        try:
+            loop.run_until_complete(self._main())
+            virtual_s = loop.time()
+        finally:
+            loop.close()
+        for host in self.hosts.values():
+            host.raw_log.close()
+        self.controller_log.close()
+        problems = [f"{v.invariant} at {v.host}:{v.offset}: {v.message}"
+                    for v in self.checker.violations]
+        problems += self.liveness()
+        report = audit(self.state_dir)
+        problems += [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
+                     for v in report.violations]
+        wall_s = time.perf_counter() - started
+        return SimResult(
+            seed=self.cfg.seed, operations=self.done_ops, resizes_finished=self.finished,
+            resizes_failed=self.failed, crashes=self.crashes, violations=len(problems),
+            digest=self.hash.hexdigest()[:32], wall_s=round(wall_s, 3), events=self.events,
+            faults=dict(self.injected), virtual_s=round(virtual_s, 3),
+            resizes_per_s=round(self.finished / wall_s, 1) if wall_s else 0.0,
+            events_per_s=round(self.events / wall_s, 1) if wall_s else 0.0,
+            violation_list=problems[:50])

@@ -1,0 +1,744 @@
+"""The durable append-only log: segment files of length + CRC + payload records.
+
+Owns the on-disk record format, group commit (one fsync covers every record queued while
+the previous fsync ran, for threads and for coroutines), recovery on open (a torn tail is
+truncated and reported, a bad record before it refuses to open), readers that stream from
+any offset while a writer appends, snapshots stored beside a log, and `MemoryLog`, the
+in-memory twin with the same contract. Payloads are opaque bytes here; the codec is
+`vmresize.events.codec`.
+
+Exceptions:
+
+    LogError            the log cannot be used: missing directory, another writer holds
+    │                   the lock, closed, read-only, or an earlier write failed
+    └── CorruptLog      a bad record before the tail; `path` (segment file) and `offset`
+
+Record: 4-byte little-endian payload length, 4-byte little-endian zlib.crc32(payload),
+payload. Segment files are named by the offset of their first record (20 digits, `.seg`).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import fcntl
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+import msgspec
+
+MAX_RECORD_BYTES = 16 * 1024 * 1024     # a longer length field is garbage, not a record
+SEGMENT_BYTES_DEFAULT = 64 * 1024 * 1024
+SNAPSHOTS_KEPT = 3
+LOCK_NAME = "lock"
+
+_HEADER = struct.Struct("<II")          # payload length, crc32(payload)
+_SNAPSHOT_HEADER = struct.Struct("<QI")  # offset, crc32(offset bytes + data)
+_CHUNK_BYTES = 1024 * 1024
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+_SNAPSHOT_NAME = re.compile(r"^(\d{20})\.snap$")
+_SNAPSHOT_TEMP_SUFFIX = ".tmp-meta"     # DESIGN §7: stray files carry `lock` or `meta`
+
+Encode = Callable[[int, object], bytes]
+
+
+class LogError(Exception):
+    """The log cannot be used (see the module docstring for the tree)."""
+
+
+class CorruptLog(LogError):
+    """A bad record that is not a torn tail: data would be lost silently if we went on."""
+
+    def __init__(self, path: str | os.PathLike, offset: int, reason: str):
+        self.path = str(path)
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"{self.path}: offset {offset}: {reason}")
+
+
+class TornTail(msgspec.Struct, frozen=True):
+    """What an interrupted write left at the end of the last segment."""
+    segment: str          # the segment file
+    offset: int           # the first record offset lost
+    position: int         # byte position in the file where the lost bytes start
+    bytes_dropped: int
+
+
+class Log(Protocol):
+    """What `SegmentLog` and `MemoryLog` both offer."""
+    torn_tail: TornTail | None
+
+    @property
+    def next_offset(self) -> int: ...
+    def append(self, items: Iterable, encode: Encode | None = None) -> int: ...
+    async def append_async(self, items: Iterable, encode: Encode | None = None) -> int: ...
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]: ...
+    def follow(self, start: int = 0, poll_s: float = 0.2,
+               stop_event: threading.Event | None = None
+               ) -> Iterator[tuple[int, bytes]]: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _payloads(first: int, items: list, encode: Encode | None) -> list[bytes]:
+    """Encoded payloads for a batch whose first record gets offset `first`."""
+    out = []
+    for i, item in enumerate(items):
+        payload = item if encode is None else encode(first + i, item)
+        if type(payload) is not bytes:
+            if not isinstance(payload, (bytearray, memoryview)):
+                raise TypeError(f"a log payload must be bytes, got {type(payload).__name__}")
+            payload = bytes(payload)
+        # Empty payloads are refused so that a zero-filled region never reads as records.
+        if not 0 < len(payload) <= MAX_RECORD_BYTES:
+            raise ValueError(f"a log payload must be 1..{MAX_RECORD_BYTES} bytes, "
+                             f"got {len(payload)}")
+        out.append(payload)
+    return out
+
+
+def _frame(payloads: list[bytes]) -> tuple[list[bytes], int]:
+    parts = []
+    for payload in payloads:
+        parts.append(_HEADER.pack(len(payload), zlib.crc32(payload)))
+        parts.append(payload)
+    return parts, len(payloads) * _HEADER.size + sum(map(len, payloads))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def segment_name(first_offset: int) -> str:
+    return f"{first_offset:020d}.seg"
+
+
+def _segments(directory: Path) -> list[int]:
+    """First offsets of the segment files in `directory`, ascending."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_SEGMENT_NAME.match, names) if m)
+
+
+def _find_valid_record(buf: memoryview, start: int) -> int:
+    """Byte position of the first well-formed record at or after `start`, or -1.
+
+    This is what tells a torn tail (nothing valid after the bad record) from corruption
+    in the middle (valid records follow), so it looks at every byte position.
+    """
+    unpack = _HEADER.unpack_from
+    size = len(buf)
+    for q in range(start, size - _HEADER.size + 1):
+        length, crc = unpack(buf, q)
+        body = q + _HEADER.size
+        if 0 < length <= size - body and zlib.crc32(buf[body:body + length]) == crc:
+            return q
+    return -1
+
+
+# --------------------------------------------------------------------------- reading
+
+class _Cursor:
+    """Where a reader stands: a segment, a byte position in it and the offset there.
+
+    `problem` says why the last scan of a segment stopped before its end of file (a bad
+    or incomplete record at `pos`), or is None when it stopped at a record boundary.
+    """
+
+    def __init__(self, directory: Path, first: int):
+        self.directory = directory
+        self.first = first
+        self.pos = 0
+        self.offset = first
+        self.problem: str | None = None
+
+    @classmethod
+    def at(cls, directory: Path, start: int) -> "_Cursor | None":
+        """A cursor at the start of the segment holding `start`; None if there is none."""
+        firsts = _segments(directory)
+        if not firsts:
+            return None
+        if firsts[0] != 0:
+            raise CorruptLog(directory / segment_name(firsts[0]), 0,
+                             f"the first segment starts at offset {firsts[0]}, not 0")
+        return cls(directory, firsts[bisect.bisect_right(firsts, start) - 1])
+
+    @property
+    def path(self) -> Path:
+        return self.directory / segment_name(self.first)
+
+    def records(self, stop: int | None) -> Iterator[tuple[int, bytes]]:
+        """Records from here on, across segments, up to `stop` or the end of the log."""
+        stop_at = (1 << 63) if stop is None else stop
+        rescanned = False
+        while self.offset < stop_at:
+            yield from self._scan(stop_at)
+            if self.offset >= stop_at:
+                return
+            later = [f for f in _segments(self.directory) if f > self.first]
+            if not later:
+                self._check_tail()
+                return
+            if self.problem is None and later[0] == self.offset:
+                self.first, self.pos, rescanned = later[0], 0, False
+                continue
+            # The writer may have finished this segment and rolled over since we read
+            # it (a segment is complete before the next one exists): look once more.
+            if rescanned:
+                raise CorruptLog(self.path, self.offset, self.problem or
+                                 f"the segment ends at offset {self.offset} but the next "
+                                 f"one starts at {later[0]}")
+            rescanned = True
+
+    def _scan(self, stop_at: int) -> Iterator[tuple[int, bytes]]:
+        """Records of the current segment from `pos`; sets `problem` when it stops."""
+        self.problem = None
+        pos, offset, header = self.pos, self.offset, _HEADER.size
+        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(pos)
+                buf, i = f.read(_CHUNK_BYTES), 0      # buf[i] is at byte `pos` of the file
+                while offset < stop_at:
+                    avail = len(buf) - i
+                    need = header
+                    if avail >= header:
+                        length, crc = unpack(buf, i)
+                        if not 0 < length <= MAX_RECORD_BYTES:
+                            self.problem = f"bad record length {length}"
+                            return
+                        need = header + length
+                    if avail < need:
+                        more = f.read(max(_CHUNK_BYTES, need - avail))
+                        if not more:
+                            if avail:
+                                self.problem = ("incomplete record header" if avail < header
+                                                else "incomplete record")
+                            return
+                        buf, i = buf[i:] + more, 0
+                        continue
+                    payload = buf[i + header:i + need]
+                    if crc32(payload) != crc:
+                        self.problem = "CRC mismatch"
+                        return
+                    i += need
+                    pos += need
+                    offset += 1
+                    yield offset - 1, payload
+        finally:
+            self.pos, self.offset = pos, offset
+
+    def _check_tail(self) -> None:
+        """At a problem in the last segment: a torn tail unless valid records follow."""
+        if self.problem is None:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            rest = memoryview(f.read())
+        found = _find_valid_record(rest, 1)
+        if found >= 0:
+            raise CorruptLog(self.path, self.offset, f"{self.problem}; a valid record "
+                             f"follows at byte {self.pos + found}")
+
+    def file_bytes(self) -> int:
+        return os.path.getsize(self.path)
+
+
+def _recover(directory: Path, verify: bool) -> tuple[_Cursor | None, TornTail | None]:
+    """Scan the log; return a cursor at its valid end, and the torn tail if any."""
+    cursor = _Cursor.at(directory, 0)
+    if cursor is None:
+        return None, None
+    if not verify:
+        # Older segments are checked when read; their record counts follow from names.
+        cursor = _Cursor(directory, _segments(directory)[-1])
+        cursor.offset = cursor.first
+    for _ in cursor.records(None):
+        pass
+    if cursor.problem is None:
+        return cursor, None
+    return cursor, TornTail(segment=str(cursor.path), offset=cursor.offset,
+                            position=cursor.pos,
+                            bytes_dropped=cursor.file_bytes() - cursor.pos)
+
+
+# --------------------------------------------------------------------------- SegmentLog
+
+class SegmentLog:
+    """A directory of segment files; one writer (flock on `lock`), any number of readers.
+
+    A writer truncates a torn tail on open and reports it in `torn_tail`; a read-only log
+    reports it and leaves the files alone (if a writer is appending at that moment, the
+    "torn tail" may be a record in flight). `verify=False` checks only the last segment
+    on open (older ones are checked as they are read): for restarts from a snapshot
+    that should not read the whole log.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,
+                 fsync: bool = True, segment_bytes: int = SEGMENT_BYTES_DEFAULT,
+                 create: bool = True, verify: bool = True):
+        if segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be > 0, got {segment_bytes}")
+        self.directory = Path(directory)
+        self.readonly = readonly
+        self.torn_tail: TornTail | None = None
+        self.fsyncs = 0                   # fsyncs of segment files, for benchmarks
+        self._fsync = fsync
+        self._segment_bytes = segment_bytes
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._seg_first = 0
+        self._seg_size = 0
+        self._next = 0                    # offset the next reserved record gets
+        self._flushed = 0                 # records below this are written (and fsync'd)
+        self._flushing = False            # a leader is writing with the lock released
+        self._pending: list[bytes] = []   # header, payload, header, payload, ...
+        self._pending_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: collections.deque = collections.deque()   # (end offset, future)
+        self._flusher: asyncio.Task | None = None
+        if readonly:
+            self._open_readonly(verify)
+        else:
+            self._open_writer(create, verify)
+
+    def _open_readonly(self, verify: bool) -> None:
+        if not self.directory.is_dir():
+            raise LogError(f"{self.directory}: no such log directory")
+        cursor, self.torn_tail = _recover(self.directory, verify)
+        self._next = self._flushed = cursor.offset if cursor else 0
+        self._closed = True               # nothing to write; reads stay available
+
+    def _open_writer(self, create: bool, verify: bool) -> None:
+        if create and not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.directory.parent)
+        if not self.directory.is_dir():
+            raise LogError(f"{self.directory}: no such log directory")
+        self._lock()
+        try:
+            cursor, self.torn_tail = _recover(self.directory, verify)
+            if cursor is None:
+                self._create_segment(0)
+            else:
+                self._reopen_segment(cursor)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _lock(self) -> None:
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LogError(f"{self.directory}: another writer holds the log's lock") from None
+        self._lock_fd = fd
+
+    def _reopen_segment(self, cursor: _Cursor) -> None:
+        path = cursor.path
+        if self.torn_tail is not None:
+            os.truncate(path, cursor.pos)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        if self.torn_tail is not None:
+            os.fsync(self._fd)            # the truncation must stick before we append
+        self._seg_first, self._seg_size = cursor.first, cursor.pos
+        self._next = self._flushed = cursor.offset
+        assert os.fstat(self._fd).st_size == cursor.pos
+
+    def _create_segment(self, first: int) -> None:
+        path = self.directory / segment_name(first)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        _fsync_dir(self.directory)
+        self._seg_first, self._seg_size = first, 0
+
+    # -- properties and lifecycle
+
+    @property
+    def next_offset(self) -> int:
+        """The offset the next append gets (for a read-only log: its end when opened)."""
+        with self._cond:
+            return self._next
+
+    def __enter__(self) -> "SegmentLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write what is queued, then release the files and the lock. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            try:
+                if self._failed is None:
+                    self._flush_locked(self._next)
+            finally:
+                self._closed = True
+                for fd in (self._fd, self._lock_fd):
+                    if fd is not None:
+                        os.close(fd)
+                self._fd = self._lock_fd = None
+                self._cond.notify_all()
+
+    def sync(self) -> None:
+        """Write what is queued and fsync it, even with fsync=False."""
+        if self.readonly:
+            return
+        with self._cond:
+            self._check_writable()
+            self._flush_locked(self._next, force_sync=True)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise LogError(f"{self.directory}: the log is open read-only")
+        if self._closed:
+            raise LogError(f"{self.directory}: the log is closed")
+        if self._failed is not None:
+            raise LogError(f"{self.directory}: an earlier write failed ({self._failed}); "
+                           f"reopen the log") from self._failed
+
+    # -- appending
+
+    def append(self, items: Iterable, encode: Encode | None = None) -> int:
+        """Append a batch with consecutive offsets; return the first once it is durable."""
+        items = list(items)
+        with self._cond:
+            self._check_writable()
+            first = self._next
+            if not items:
+                return first
+            parts, nbytes = _frame(_payloads(first, items, encode))
+            if not self._fsync and not self._flushing and not self._pending:
+                self._write_now(parts, nbytes, first, len(items))
+                return first
+            self._enqueue(parts, nbytes, len(items))
+            self._flush_locked(self._next)
+        return first
+
+    def _enqueue(self, parts: list[bytes], nbytes: int, count: int) -> None:
+        self._pending.extend(parts)
+        self._pending_bytes += nbytes
+        self._next += count
+
+    def _write_now(self, parts: list[bytes], nbytes: int, first: int, count: int) -> None:
+        """The fsync=False path: nothing to wait for, so write under the lock."""
+        try:
+            self._write_batch(parts, nbytes, first, sync=False)
+        except BaseException as exc:
+            self._failed = exc
+            raise LogError(f"{self.directory}: write failed: {exc}") from exc
+        self._next = self._flushed = first + count
+
+    def _flush_locked(self, target: int, force_sync: bool = False) -> None:
+        """Group commit: wait until records below `target` are written, leading if no one is.
+
+        Called with the lock held. The leader takes everything queued so far, releases
+        the lock for write + fsync, so appenders arriving meanwhile queue the next batch.
+        """
+        while self._flushed < target or force_sync:
+            if self._failed is not None:
+                raise LogError(f"{self.directory}: write failed: {self._failed}"
+                               ) from self._failed
+            if self._flushing:
+                self._cond.wait()
+                continue
+            self._lead(force_sync)
+            force_sync = False
+
+    def _lead(self, force_sync: bool) -> None:
+        parts, nbytes = self._pending, self._pending_bytes
+        first, end = self._flushed, self._next
+        assert len(parts) == 2 * (end - first), "pending records are not gapless"
+        self._pending, self._pending_bytes, self._flushing = [], 0, True
+        failure = None
+        self._cond.release()
+        try:
+            self._write_batch(parts, nbytes, first, sync=self._fsync or force_sync)
+        except BaseException as exc:
+            failure = exc
+        finally:
+            self._cond.acquire()
+            self._flushing = False
+            if failure is None:
+                self._flushed = end
+            else:
+                self._failed = failure
+            self._cond.notify_all()
+        if failure is not None:
+            raise LogError(f"{self.directory}: write failed: {failure}") from failure
+
+    def _write_batch(self, parts: list[bytes], nbytes: int, first: int, sync: bool) -> None:
+        """Write one batch into one segment. The caller holds the writer role."""
+        if self._seg_size and self._seg_size + nbytes > self._segment_bytes:
+            self._roll(first)
+        if parts:
+            _write_all(self._fd, b"".join(parts))
+            self._seg_size += nbytes
+        if sync:
+            os.fsync(self._fd)
+            self.fsyncs += 1
+
+    def _roll(self, first: int) -> None:
+        # Always fsync the old segment, even with fsync=False: a segment that has a
+        # successor is then complete, which is what lets recovery call any bad record
+        # outside the last segment corruption.
+        os.fsync(self._fd)
+        self.fsyncs += 1
+        os.close(self._fd)
+        self._fd = None
+        self._create_segment(first)
+
+    async def append_async(self, items: Iterable, encode: Encode | None = None) -> int:
+        """Append from a coroutine; one flusher writes and fsyncs every queued batch."""
+        if not self._fsync:
+            # Nothing slow to wait for (the write lands in the page cache): no thread hop.
+            return self.append(items, encode)
+        items = list(items)
+        loop = asyncio.get_running_loop()
+        self._bind_loop(loop)
+        with self._cond:
+            self._check_writable()
+            first = self._next
+            if not items:
+                return first
+            parts, nbytes = _frame(_payloads(first, items, encode))
+            self._enqueue(parts, nbytes, len(items))
+            end = self._next
+        assert not self._waiters or self._waiters[-1][0] < end
+        future = loop.create_future()
+        self._waiters.append((end, future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_waiters())
+        await future
+        return first
+
+    def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        if self._waiters and not self._loop.is_closed():
+            raise LogError(f"{self.directory}: append_async from two event loops at once")
+        self._loop, self._flusher = loop, None
+        self._waiters.clear()
+
+    async def _flush_waiters(self) -> None:
+        try:
+            while self._waiters:
+                target = self._waiters[-1][0]
+                try:
+                    await asyncio.to_thread(self._flush_until, target)
+                except Exception as exc:
+                    while self._waiters:
+                        _, future = self._waiters.popleft()
+                        if not future.done():
+                            future.set_exception(exc)
+                    return
+                while self._waiters and self._waiters[0][0] <= target:
+                    _, future = self._waiters.popleft()
+                    if not future.done():     # a cancelled appender's records stay written
+                        future.set_result(None)
+        finally:
+            self._flusher = None
+
+    def _flush_until(self, target: int) -> None:
+        with self._cond:
+            self._flush_locked(target)
+
+    # -- reading
+
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Stream (offset, payload) from `start` to `stop` or to what is written now."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        cursor = _Cursor.at(self.directory, start)
+        if cursor is None:
+            return
+        expected = start
+        for offset, payload in cursor.records(stop):
+            if offset >= start:
+                assert offset == expected, f"offset {offset} read where {expected} was due"
+                expected += 1
+                yield offset, payload
+
+    def follow(self, start: int = 0, poll_s: float = 0.2,
+               stop_event: threading.Event | None = None) -> Iterator[tuple[int, bytes]]:
+        """Yield records from `start` on as they are written, until `stop_event` is set."""
+        cursor, expected = None, start
+        while stop_event is None or not stop_event.is_set():
+            cursor = cursor or _Cursor.at(self.directory, start)
+            if cursor is not None:
+                for offset, payload in cursor.records(None):
+                    if offset >= start:
+                        assert offset == expected
+                        expected += 1
+                        yield offset, payload
+            self._wait_for_more(expected, poll_s, stop_event)
+
+    def _wait_for_more(self, seen: int, poll_s: float,
+                       stop_event: threading.Event | None) -> None:
+        if not self.readonly and not self._closed:
+            # Our own writer can wake us as soon as it has written; others are polled.
+            with self._cond:
+                self._cond.wait_for(lambda: self._flushed > seen or self._closed
+                                    or (stop_event is not None and stop_event.is_set()),
+                                    timeout=poll_s)
+        elif stop_event is not None:
+            stop_event.wait(poll_s)
+        else:
+            time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------- MemoryLog
+
+class MemoryLog:
+    """The in-memory twin of `SegmentLog`, for tests and the simulator's fast paths."""
+
+    readonly = False
+
+    def __init__(self):
+        self.torn_tail: TornTail | None = None
+        self._records: list[bytes] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+
+    @property
+    def next_offset(self) -> int:
+        with self._cond:
+            return len(self._records)
+
+    def append(self, items: Iterable, encode: Encode | None = None) -> int:
+        items = list(items)
+        with self._cond:
+            if self._closed:
+                raise LogError("the log is closed")
+            first = len(self._records)
+            self._records.extend(_payloads(first, items, encode))
+            self._cond.notify_all()
+            return first
+
+    async def append_async(self, items: Iterable, encode: Encode | None = None) -> int:
+        return self.append(items, encode)
+
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        with self._cond:
+            records = self._records[start:stop]
+        yield from enumerate(records, start)
+
+    def follow(self, start: int = 0, poll_s: float = 0.2,
+               stop_event: threading.Event | None = None) -> Iterator[tuple[int, bytes]]:
+        offset = start
+        while stop_event is None or not stop_event.is_set():
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._records) > offset, timeout=poll_s)
+                records = self._records[offset:]
+            for payload in records:
+                offset += 1
+                yield offset - 1, payload
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> "MemoryLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- snapshots
+
+def snapshot_name(offset: int) -> str:
+    return f"{offset:020d}.snap"
+
+
+def save_snapshot(snapshot_dir: str | os.PathLike, offset: int, data: bytes) -> Path:
+    """Store `data` as covering records [0, offset); keep the newest SNAPSHOTS_KEPT."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    directory = Path(snapshot_dir)
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(directory.parent)
+    head = struct.pack("<Q", offset)
+    content = _SNAPSHOT_HEADER.pack(offset, zlib.crc32(data, zlib.crc32(head))) + data
+    final = directory / snapshot_name(offset)
+    temp = directory / (snapshot_name(offset) + _SNAPSHOT_TEMP_SUFFIX)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, final)
+    _fsync_dir(directory)
+    _prune_snapshots(directory)
+    return final
+
+
+def _prune_snapshots(directory: Path) -> None:
+    names = os.listdir(directory)
+    kept = sorted(n for n in names if _SNAPSHOT_NAME.match(n))[-SNAPSHOTS_KEPT:]
+    # Temp files are leftovers of a crash mid-save: ours was renamed already.
+    doomed = [n for n in names if (_SNAPSHOT_NAME.match(n) and n not in kept)
+              or n.endswith(".snap" + _SNAPSHOT_TEMP_SUFFIX)]
+    for name in doomed:
+        os.unlink(directory / name)
+    if doomed:
+        _fsync_dir(directory)
+
+
+def load_snapshot(snapshot_dir: str | os.PathLike) -> tuple[int, bytes] | None:
+    """The newest snapshot whose CRC checks, as (offset, data); None if there is none.
+
+    Writes nothing, so auditors may call it on a read-only state directory.
+    """
+    directory = Path(snapshot_dir)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return None
+    for name in sorted((n for n in names if _SNAPSHOT_NAME.match(n)), reverse=True):
+        content = (directory / name).read_bytes()
+        if len(content) < _SNAPSHOT_HEADER.size:
+            continue
+        offset, crc = _SNAPSHOT_HEADER.unpack_from(content)
+        data = content[_SNAPSHOT_HEADER.size:]
+        if offset != int(name[:20]) or zlib.crc32(data, zlib.crc32(content[:8])) != crc:
+            continue
+        return offset, data
+    return None
+
+
+def open_log(directory: str | os.PathLike, **kw) -> SegmentLog:
+    return SegmentLog(directory, **kw)

@@ -1,0 +1,89 @@
+"""The state directory: where each host's and the controller's log and snapshots live.
+
+    STATE_DIR/hosts/<host>/log/<first offset>.seg       STATE_DIR/hosts/<host>/snapshots/
+    STATE_DIR/controller/log/...                        STATE_DIR/controller/snapshots/
+
+`read_host_logs` opens every host log read-only (it writes nothing, not even a lock) and
+decodes its records; a record that does not decode raises `CorruptLog` naming the
+segment file and offset.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from vmresize.events.codec import SchemaError, decode_controller, decode_host
+from vmresize.events.log import CorruptLog, LogError, SegmentLog, TornTail
+from vmresize.events.schema import ControllerEnvelope, Envelope
+
+
+def host_dir(state_dir: str | Path, host: str) -> Path:
+    return Path(state_dir) / "hosts" / host
+
+
+def controller_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "controller"
+
+
+def host_names(state_dir: str | Path) -> list[str]:
+    hosts = Path(state_dir) / "hosts"
+    if not hosts.is_dir():
+        return []
+    return sorted(p.name for p in hosts.iterdir() if (p / "log").is_dir())
+
+
+def _segment_of(log_dir: Path, offset: int) -> str:
+    segs = sorted(log_dir.glob("*.seg"))
+    best = segs[0] if segs else log_dir
+    for seg in segs:
+        if int(seg.stem) <= offset:
+            best = seg
+    return str(best)
+
+
+def decode_records(log: SegmentLog, log_dir: Path, decode, start: int = 0,
+                   stop: int | None = None) -> Iterator:
+    for offset, payload in log.read(start, stop):
+        try:
+            env = decode(payload)
+        except SchemaError as exc:
+            raise CorruptLog(_segment_of(log_dir, offset), offset, str(exc)) from None
+        if env.offset != offset:
+            raise CorruptLog(_segment_of(log_dir, offset), offset,
+                             f"record says offset {env.offset}")
+        yield env
+
+
+class HostLogReader:
+    """One host's log opened read-only."""
+
+    def __init__(self, state_dir: str | Path, host: str):
+        self.host = host
+        self.log_dir = host_dir(state_dir, host) / "log"
+        self.log = SegmentLog(self.log_dir, readonly=True)
+
+    @property
+    def torn_tail(self) -> TornTail | None:
+        return self.log.torn_tail
+
+    def envelopes(self, start: int = 0, stop: int | None = None) -> Iterator[Envelope]:
+        return decode_records(self.log, self.log_dir, decode_host, start, stop)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def open_host_logs(state_dir: str | Path) -> dict[str, HostLogReader]:
+    return {h: HostLogReader(state_dir, h) for h in host_names(state_dir)}
+
+
+def read_controller_log(state_dir: str | Path) -> Iterator[ControllerEnvelope]:
+    log_dir = controller_dir(state_dir) / "log"
+    if not log_dir.is_dir():
+        return iter(())
+    log = SegmentLog(log_dir, readonly=True)
+    return decode_records(log, log_dir, decode_controller)
+
+
+__all__ = ["CorruptLog", "LogError", "HostLogReader", "open_host_logs", "host_names",
+           "host_dir", "controller_dir", "read_controller_log", "decode_records"]

@@ -1,0 +1,289 @@
+"""The auditor: replays every host log and checks the six invariants of DESIGN §4.
+
+`check(logs)` is pure: it takes each host's envelopes and returns an `AuditReport`
+naming every violation with its host and log offset. `audit(state_dir)` reads a state
+directory (read-only, through events.store) and checks it; `as_of` stops every log at an
+offset (records before it) or at a wall time (records at or before it).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Iterable
+
+import msgspec
+
+from vmresize.events import schema as ev
+from vmresize.events.schema import Envelope, Resources
+from vmresize.projections.fold import Projection, _LEDGER_EVENTS, apply, merge_logs
+from vmresize.projections.state import (FINISHED, CONFIRMING, MIGRATING, POST_MIGRATING,
+                                        PRE_MIGRATING, REVERTING, TRANSITIONS, ERROR,
+                                        claim_key, instance_key, source_key)
+
+INVARIANTS = {
+    1: "capacity",          # no host holds more than capacity x ratio - reserved
+    2: "version-chain",     # gapless, unforked instance versions
+    3: "state-machine",     # migrations follow the protocol's state machine
+    4: "no-leak",           # an ended migration holds nothing; one home per instance
+    5: "resize-dirs",       # every `_resize` dir and dest copy removed or restored
+    6: "ledger-matches",    # ledger from instances == ledger from claim events
+}
+
+
+class Violation(msgspec.Struct, frozen=True):
+    invariant: str
+    message: str
+    host: str
+    offset: int
+    offsets: list[int] = []
+
+
+class TornTailNote(msgspec.Struct, frozen=True):
+    host: str
+    segment: str
+    offset: int
+    bytes_dropped: int
+
+
+class AuditReport(msgspec.Struct):
+    ok: bool
+    violations: list[Violation]
+    events: int
+    hosts: int
+    instances: int = 0
+    migrations: int = 0
+    open_migrations: int = 0
+    torn_tails: list[TornTailNote] = []
+
+
+class _Where(msgspec.Struct):
+    host: str
+    offset: int
+
+
+class _Checker:
+    def __init__(self):
+        self.p = Projection()
+        self.violations: list[Violation] = []
+        self.versions: dict[str, _Where] = {}
+        self.version_of: dict[str, int] = {}
+        self.mig_last: dict[str, _Where] = {}
+        self.no_alloc: set[str] = set()
+
+    def flag(self, n: int, message: str, env_or_where, offsets=()):
+        self.violations.append(Violation(INVARIANTS[n], message, env_or_where.host,
+                                         env_or_where.offset, list(offsets)))
+
+    def feed(self, env: Envelope) -> None:
+        e = env.event
+        if isinstance(e, ev.InstanceEvent):
+            self._check_version(env, e)
+        mid = getattr(e, "migration_id", "") if isinstance(e, ev.InstanceEvent) else ""
+        before = self.p.migrations.get(mid) if mid else None
+        apply(self.p, env)
+        if mid:
+            self._check_transition(env, before, self.p.migrations.get(mid))
+            self.mig_last[mid] = _Where(env.host, env.offset)
+        t = type(e)
+        if t in (ev.SpawnFailed, ev.Deleted):
+            self.no_alloc.add(e.instance_uuid)
+        elif t is ev.SpawnStarted:
+            self.no_alloc.discard(e.instance_uuid)
+        if t in _LEDGER_EVENTS:
+            self._check_capacity(env)
+
+    def _check_version(self, env: Envelope, e: ev.InstanceEvent) -> None:
+        uuid, v = e.instance_uuid, e.instance_version
+        last = self.version_of.get(uuid, 0)
+        if v == last + 1:
+            self.version_of[uuid] = v
+        elif v <= last:
+            first = self.versions.get(f"{uuid}@{v}")
+            self.flag(2, f"instance {uuid}: version {v} written twice (fork); first at "
+                      f"{first.host}:{first.offset}" if first else
+                      f"instance {uuid}: version {v} after {last}", env,
+                      [first.offset] if first else [])
+        else:
+            self.flag(2, f"instance {uuid}: version {v} follows {last} (gap)", env)
+            self.version_of[uuid] = v
+        self.versions.setdefault(f"{uuid}@{v}", _Where(env.host, env.offset))
+
+    def _check_transition(self, env, before, after) -> None:
+        if after is None:
+            self.flag(3, f"{type(env.event).__name__} for migration "
+                      f"{env.event.migration_id} that was never claimed", env)
+            return
+        old = before.status if before is not None else None
+        if type(env.event) is ev.Claimed and before is not None:
+            self.flag(3, f"migration {after.id} claimed twice", env)
+        elif after.status != old and after.status not in TRANSITIONS.get(old, ()):
+            self.flag(3, f"migration {after.id}: {old} -> {after.status} "
+                      f"({type(env.event).__name__}) is not a protocol step", env)
+        elif after.status == old and old != ERROR and before is not None and \
+                before.final:
+            self.flag(3, f"migration {after.id}: {type(env.event).__name__} after it "
+                      f"ended ({old})", env)
+
+    def _check_capacity(self, env: Envelope) -> None:
+        ledger = self.p.ledgers[env.host]
+        if ledger.limit == Resources():
+            self.flag(1, f"host {env.host} allocates before logging its capacity", env)
+        elif not ledger.used.fits_in(ledger.limit):
+            self.flag(1, f"host {env.host} holds {_res(ledger.used)}, over its limit "
+                      f"{_res(ledger.limit)}", env)
+
+    # ------------------------------------------------------------------ end-state checks
+
+    def finish(self) -> None:
+        self._check_leaks()
+        self._check_dirs()
+        self._check_ledger_from_instances()
+
+    def _check_leaks(self) -> None:
+        holders: dict[str, list[str]] = {}
+        for host, ledger in self.p.ledgers.items():
+            for key in ledger.allocations:
+                if key.startswith("m:"):
+                    mid = key[2:].rsplit(":", 1)[0]
+                    mig = self.p.migrations.get(mid)
+                    if mig is not None and mig.final:
+                        self.flag(4, f"migration {mid} ended {mig.status} but {host} "
+                              f"still holds {key}", self.mig_last[mid])
+                elif key.startswith("i:"):
+                    holders.setdefault(key[2:], []).append(host)
+        for uuid, inst in self.p.instances.items():
+            mig = self.p.migrations.get(inst.migration_id)
+            if mig is not None and not mig.final:
+                continue
+            want = 0 if (inst.deleted or uuid in self.no_alloc) else 1
+            got = holders.get(uuid, [])
+            if len(got) != want:
+                where = self.mig_last.get(inst.migration_id) or self._last_of(uuid)
+                self.flag(4, f"instance {uuid} ({inst.name}) should be held by {want} "
+                          f"host(s), is held by {got or 'none'}", where)
+
+    def _last_of(self, uuid: str) -> _Where:
+        v = self.version_of.get(uuid, 1)
+        return self.versions.get(f"{uuid}@{v}", _Where("", 0))
+
+    def _check_dirs(self) -> None:
+        for mid, mig in self.p.migrations.items():
+            if not mig.final:
+                continue
+            if mig.resize_dir:
+                self.flag(5, f"migration {mid} ended {mig.status} leaving "
+                          f"{mig.instance_uuid}_resize on {mig.source_compute}",
+                          self.mig_last[mid])
+            if mig.dest_copy and mig.status != "confirmed":
+                self.flag(5, f"migration {mid} ended {mig.status} leaving the disk "
+                          f"copy on {mig.dest_compute}", self.mig_last[mid])
+
+    def _check_ledger_from_instances(self) -> None:
+        expected = _expected_allocations(self.p, self.no_alloc)
+        for host, ledger in self.p.ledgers.items():
+            want = expected.get(host, {})
+            if ledger.allocations == want:
+                continue
+            for key in sorted(set(want) | set(ledger.allocations)):
+                if want.get(key) != ledger.allocations.get(key):
+                    self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
+                              f" by claim events, {_res(want.get(key))} by instances",
+                              _Where(host, self.p.offsets.get(host, 1) - 1))
+
+
+def _res(r: Resources | None) -> str:
+    if r is None:
+        return "nothing"
+    return f"{r.vcpus} vcpus/{r.memory_mb} MB/{r.disk_gb} GB"
+
+
+def _expected_allocations(p: Projection, no_alloc: set[str]) -> dict[str, dict]:
+    """What every host should hold, recomputed from instances and migrations."""
+    out: dict[str, dict] = {}
+
+    def hold(host, key, res):
+        out.setdefault(host, {})[key] = res
+
+    for uuid, inst in p.instances.items():
+        if inst.deleted or uuid in no_alloc:
+            continue
+        mig = p.migrations.get(inst.migration_id)
+        if mig is None or mig.final:
+            hold(inst.host, instance_key(uuid), inst.resources)
+            continue
+        _hold_for_migration(hold, mig, inst)
+    return out
+
+
+def _hold_for_migration(hold, mig, inst) -> None:
+    src, dst, mid, uuid = mig.source_compute, mig.dest_compute, mig.id, inst.uuid
+    status = mig.status
+    if status == PRE_MIGRATING:
+        hold(src, instance_key(uuid), mig.old_resources)
+        hold(dst, claim_key(mid), mig.new_resources)
+    elif status in (MIGRATING, POST_MIGRATING):
+        hold(src, source_key(mid), mig.old_resources)
+        hold(dst, claim_key(mid), mig.new_resources)
+    elif status in (FINISHED, CONFIRMING, REVERTING):
+        hold(src, source_key(mid), mig.old_resources)
+        if not mig.dest_reverted:
+            hold(dst, instance_key(uuid), mig.new_resources)
+    elif status == ERROR:     # compensation under way: what each side still holds
+        if not mig.dest_settled:
+            hold(dst, claim_key(mid), mig.new_resources)
+        if mig.source_started and not mig.source_settled:
+            hold(src, source_key(mid), mig.old_resources)
+        if mig.failed_step != "finish":
+            hold(inst.host, instance_key(uuid), inst.resources)
+
+
+def check(logs: dict[str, Iterable[Envelope]]) -> AuditReport:
+    c = _Checker()
+    for env in merge_logs(logs):
+        c.feed(env)
+    c.finish()
+    p = c.p
+    return AuditReport(ok=not c.violations, violations=c.violations, events=p.events,
+                       hosts=len(logs), instances=len(p.instances),
+                       migrations=len(p.migrations),
+                       open_migrations=sum(not m.final for m in p.migrations.values()))
+
+
+def parse_as_of(text: str | None) -> tuple[int | None, float | None]:
+    """`--as-of`: an offset (int) or an ISO time. Raises ValueError naming the input."""
+    if text is None or text == "":
+        return None, None
+    if text.isdigit():
+        return int(text), None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--as-of: expected an offset or an ISO time, got {text!r}") from None
+    return None, moment.timestamp()
+
+
+def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope]:
+    for env in envelopes:
+        if env.wall_time > wall_time:
+            return
+        yield env
+
+
+def audit(state_dir, as_of: str | None = None) -> AuditReport:
+    """Audit a state directory with no cluster running. Raises CorruptLog (a bad record
+    before the tail) and LogError (no such directory)."""
+    from vmresize.events.store import open_host_logs
+    offset, wall_time = parse_as_of(as_of)
+    readers = open_host_logs(state_dir)
+    logs = {}
+    for host, r in readers.items():
+        stream = r.envelopes(0, offset)
+        logs[host] = _until(stream, wall_time) if wall_time is not None else stream
+    try:
+        report = check(logs)
+    finally:
+        for r in readers.values():
+            r.close()
+    report.torn_tails = [TornTailNote(h, r.torn_tail.segment, r.torn_tail.offset,
+                                      r.torn_tail.bytes_dropped)
+                         for h, r in readers.items() if r.torn_tail is not None]
+    return report

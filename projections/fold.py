@@ -1,0 +1,357 @@
+"""Pure folds of host events into instances, migrations and ledgers.
+
+`evolve_instance`, `evolve_migration` and `evolve_ledger` take a state and one envelope
+and return the next state; they read no clock, no file, no randomness. `Projection`
+holds the three maps; `fold(envelopes, projection)` returns a new projection and never
+changes the one it was given, so `fold(a + b) == fold(fold(a), b)`.
+
+Instance and migration events must reach `fold` in instance-version order; one host's
+log is, and `merge_logs` orders several hosts' logs that way.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Iterable, Iterator
+
+import msgspec
+
+from vmresize.events import schema as ev
+from vmresize.events.schema import Envelope, RUNNING, SHUTDOWN
+from vmresize.projections.state import (
+    CONFIRMED, CONFIRMING, ERROR, FINISHED, MIGRATING, NOSTATE, POST_MIGRATING,
+    PRE_MIGRATING, REVERTED, REVERTING, Instance, Ledger, Migration, claim_key,
+    instance_key, source_key)
+
+replace = msgspec.structs.replace
+
+
+def _vm_state(power_state: int) -> str:
+    return "active" if power_state == RUNNING else "stopped"
+
+
+# --------------------------------------------------------------------------- instances
+
+def _spawn_started(inst, e: ev.SpawnStarted, env):
+    return Instance(uuid=e.instance_uuid, name=e.name, host=env.host, flavor=e.flavor,
+                    vm_state="building", task_state="spawning", power_state=NOSTATE,
+                    version=e.instance_version, resources=e.resources)
+
+
+def _claimed(inst, e: ev.Claimed, env):
+    s = e.spec
+    if inst is None:    # the destination's first sight of the instance
+        inst = Instance(uuid=e.instance_uuid, name=s.name, host=s.source,
+                        flavor=s.old_flavor, vm_state=s.vm_state, task_state=None,
+                        power_state=RUNNING if s.vm_state == "active" else SHUTDOWN,
+                        version=0, resources=s.old_resources)
+    return replace(inst, task_state="resize_prep", migration_id=e.migration_id)
+
+
+def _migration_started(inst, e: ev.MigrationStarted, env):
+    s = e.spec
+    if inst is None:
+        inst = Instance(uuid=e.instance_uuid, name=s.name, host=s.source,
+                        flavor=s.old_flavor, vm_state=s.vm_state, task_state=None,
+                        power_state=RUNNING if s.vm_state == "active" else SHUTDOWN,
+                        version=0, resources=s.old_resources)
+    return replace(inst, task_state="resize_migrating", migration_id=e.migration_id)
+
+
+def _restored(inst, mig: Migration | None, power_state: int, **extra):
+    """The instance back on its source with its old flavor (revert, rollback)."""
+    changes = dict(task_state=None, power_state=power_state, migration_id="")
+    if mig is not None:
+        changes.update(host=mig.source_compute, flavor=mig.old_flavor,
+                       resources=mig.old_resources, vm_state=mig.vm_state)
+    changes.update(extra)
+    return replace(inst, **changes)
+
+
+def evolve_instance(inst: Instance | None, env: Envelope,
+                    mig: Migration | None = None) -> Instance | None:
+    """The instance after `env.event`; `mig` is its migration before the event."""
+    e = env.event
+    t = type(e)
+    if t is ev.SpawnStarted:
+        return _spawn_started(inst, e, env)
+    if t is ev.Claimed:
+        inst = _claimed(inst, e, env)
+    elif t is ev.MigrationStarted:
+        inst = _migration_started(inst, e, env)
+    elif inst is None:
+        return None     # a host that never saw the instance's earlier events
+    else:
+        inst = _INSTANCE_STEPS[t](inst, e, mig)
+    return replace(inst, version=e.instance_version)
+
+
+def _failed(inst, e: ev.Failed, mig):
+    if e.step == "finish":     # the source still has to take the instance back
+        return replace(inst, task_state="resize_reverting")
+    if e.step in ("confirm", "revert"):     # the instance stays on the destination
+        return replace(inst, vm_state="error", task_state=None, migration_id="")
+    if not e.rolled_back:
+        return _restored(inst, mig, e.power_state, vm_state="error")
+    return _restored(inst, mig, e.power_state)
+
+
+_INSTANCE_STEPS = {
+    ev.Spawned: lambda i, e, m: replace(i, vm_state=_vm_state(e.power_state),
+                                        task_state=None, power_state=e.power_state),
+    ev.SpawnFailed: lambda i, e, m: replace(i, vm_state="error", task_state=None,
+                                            power_state=NOSTATE),
+    ev.PoweredOff: lambda i, e, m: replace(i, vm_state="stopped", power_state=SHUTDOWN),
+    ev.PoweredOn: lambda i, e, m: replace(i, vm_state="active", power_state=RUNNING),
+    ev.Deleted: lambda i, e, m: replace(i, deleted=True, task_state=None),
+    ev.ClaimReleased: lambda i, e, m: replace(i, task_state=None, migration_id="")
+    if i.task_state == "resize_prep" else i,
+    ev.DiskMigrated: lambda i, e, m: replace(
+        i, task_state="resize_migrated", power_state=SHUTDOWN,
+        host=m.dest_compute if m else i.host),
+    ev.FinishStarted: lambda i, e, m: replace(i, task_state="resize_finish"),
+    ev.Finished: lambda i, e, m: replace(
+        i, vm_state="resized", task_state=None, power_state=e.power_state,
+        host=m.dest_compute if m else i.host, flavor=m.new_flavor if m else i.flavor,
+        resources=m.new_resources if m else i.resources),
+    ev.ConfirmStarted: lambda i, e, m: i,
+    ev.Confirmed: lambda i, e, m: replace(i, vm_state=m.vm_state if m else "active",
+                                          migration_id=""),
+    ev.RevertStarted: lambda i, e, m: replace(i, task_state="resize_reverting"),
+    ev.DestReverted: lambda i, e, m: i,
+    ev.RevertFinishStarted: lambda i, e, m: i,
+    ev.Reverted: lambda i, e, m: _restored(i, m, e.power_state),
+    ev.Failed: _failed,
+    ev.SourceRestored: lambda i, e, m: _restored(i, m, e.power_state),
+}
+
+
+# --------------------------------------------------------------------------- migrations
+
+def _new_migration(e, status: str, wall_time: float) -> Migration:
+    s = e.spec
+    return Migration(id=e.migration_id, instance_uuid=e.instance_uuid,
+                     source_compute=s.source, dest_compute=s.dest, status=status,
+                     migration_type=s.migration_type, old_flavor=s.old_flavor,
+                     new_flavor=s.new_flavor, created_at=s.created_at or wall_time,
+                     updated_at=wall_time, old_resources=s.old_resources,
+                     new_resources=s.new_resources, vm_state=s.vm_state)
+
+
+_MIGRATION_STATUS = {
+    ev.ClaimReleased: ERROR, ev.MigrationStarted: MIGRATING,
+    ev.DiskMigrated: POST_MIGRATING, ev.FinishStarted: POST_MIGRATING,
+    ev.Finished: FINISHED, ev.ConfirmStarted: CONFIRMING, ev.Confirmed: CONFIRMED,
+    ev.RevertStarted: REVERTING, ev.DestReverted: REVERTING,
+    ev.RevertFinishStarted: REVERTING, ev.Reverted: REVERTED, ev.Failed: ERROR,
+    ev.SourceRestored: ERROR,
+}
+
+
+def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
+    e = env.event
+    t = type(e)
+    if t is ev.Claimed:
+        return _new_migration(e, PRE_MIGRATING, env.wall_time)
+    status = _MIGRATION_STATUS.get(t)
+    if status is None:
+        return mig
+    if mig is None:
+        if t is not ev.MigrationStarted:
+            return None
+        mig = _new_migration(e, MIGRATING, env.wall_time)
+    changes = dict(status=status, updated_at=env.wall_time, version=e.instance_version)
+    if t is ev.DiskMigrated:
+        changes.update(shared_storage=e.shared_storage, disk_migrated=True,
+                       resize_dir=True, dest_copy=not e.shared_storage)
+    elif t in (ev.Reverted, ev.SourceRestored):
+        changes.update(resize_dir=False)
+    elif t is ev.Confirmed:
+        changes.update(resize_dir=False, dest_copy=False)
+    elif t is ev.DestReverted:
+        changes.update(dest_copy=False, dest_reverted=True)
+    elif t is ev.Failed and e.step == "finish" and e.rolled_back:
+        changes.update(dest_copy=False)
+    elif t is ev.MigrationStarted:
+        changes.update(source_started=True)
+    if t in _DEST_SETTLES or (t is ev.ClaimReleased and e.role == "dest") or (
+            t is ev.Failed and e.step in ev.DEST_STEPS):
+        changes.update(dest_settled=True)
+    if t in _SOURCE_SETTLES or (t is ev.ClaimReleased and e.role == "source") or (
+            t is ev.Failed and e.step in ev.SOURCE_STEPS):
+        changes.update(source_settled=True)
+    if t is ev.Failed:
+        changes.update(failed_step=e.step, reason=e.reason)
+        if e.step == "migrate":
+            changes.update(shared_storage=e.shared_storage)
+    return replace(mig, **changes)
+
+
+_DEST_SETTLES = frozenset({ev.Finished, ev.DestReverted})
+_SOURCE_SETTLES = frozenset({ev.SourceRestored, ev.Confirmed, ev.Reverted})
+
+
+# --------------------------------------------------------------------------- ledgers
+
+def _move(allocs: dict, src: str, dst: str) -> None:
+    if src in allocs and dst not in allocs:
+        allocs[dst] = allocs.pop(src)
+
+
+def _ledger_changes(allocs: dict, e) -> None:
+    """Apply one event's allocation changes to a (private) dict of allocations."""
+    t = type(e)
+    uuid = getattr(e, "instance_uuid", "")
+    mid = getattr(e, "migration_id", "")
+    if t is ev.SpawnStarted:
+        allocs[instance_key(uuid)] = e.resources
+    elif t in (ev.SpawnFailed, ev.Deleted):
+        allocs.pop(instance_key(uuid), None)
+    elif t is ev.Claimed:
+        allocs[claim_key(mid)] = e.spec.new_resources
+    elif t is ev.MigrationStarted:
+        _move(allocs, instance_key(uuid), source_key(mid))
+    elif t is ev.Finished:
+        _move(allocs, claim_key(mid), instance_key(uuid))
+    elif t is ev.Confirmed:
+        allocs.pop(source_key(mid), None)
+    elif t is ev.DestReverted:
+        allocs.pop(instance_key(uuid), None)
+    elif t in (ev.Reverted, ev.SourceRestored):
+        _move(allocs, source_key(mid), instance_key(uuid))
+    elif t is ev.ClaimReleased:
+        allocs.pop(claim_key(mid) if e.role == "dest" else source_key(mid), None)
+    elif t is ev.Failed:
+        if e.step in ev.DEST_STEPS:
+            allocs.pop(claim_key(mid), None)
+        elif e.step == "confirm":
+            allocs.pop(source_key(mid), None)
+        else:
+            _move(allocs, source_key(mid), instance_key(uuid))
+
+
+_LEDGER_EVENTS = frozenset({
+    ev.SpawnStarted, ev.SpawnFailed, ev.Deleted, ev.Claimed, ev.MigrationStarted,
+    ev.Finished, ev.Confirmed, ev.DestReverted, ev.Reverted, ev.SourceRestored,
+    ev.ClaimReleased, ev.Failed})
+
+
+def _sum(allocs: dict) -> ev.Resources:
+    v = m = d = 0
+    for r in allocs.values():
+        v += r.vcpus
+        m += r.memory_mb
+        d += r.disk_gb
+    return ev.Resources(v, m, d)
+
+
+def evolve_ledger(ledger: Ledger, env: Envelope) -> Ledger:
+    e = env.event
+    t = type(e)
+    if t is ev.HostConfigured:
+        return replace(ledger, capacity=e.capacity, limit=e.limit, driver=e.driver)
+    if t not in _LEDGER_EVENTS:
+        return ledger
+    allocs = dict(ledger.allocations)
+    _ledger_changes(allocs, e)
+    return replace(ledger, allocations=allocs, used=_sum(allocs))
+
+
+# --------------------------------------------------------------------------- projection
+
+class Projection(msgspec.Struct):
+    """Instances, migrations and ledgers as of some point of some logs."""
+    instances: dict[str, Instance] = {}
+    migrations: dict[str, Migration] = {}
+    ledgers: dict[str, Ledger] = {}
+    offsets: dict[str, int] = {}       # host -> next offset not yet folded
+    events: int = 0
+
+    def copy(self) -> "Projection":
+        return Projection(dict(self.instances), dict(self.migrations), dict(self.ledgers),
+                          dict(self.offsets), self.events)
+
+
+def apply(p: Projection, env: Envelope) -> None:
+    """Fold one envelope into `p` in place. Only `fold` and owners of a private
+    projection (a host shell, the auditor) call this."""
+    e = env.event
+    t = type(e)
+    host = env.host
+    ledger = p.ledgers.get(host)
+    if ledger is None:
+        ledger = Ledger(host=host)
+    if t is ev.HostConfigured or t in _LEDGER_EVENTS:
+        p.ledgers[host] = evolve_ledger(ledger, env)
+    elif host not in p.ledgers:
+        p.ledgers[host] = ledger
+    if isinstance(e, ev.InstanceEvent):
+        uuid = e.instance_uuid
+        mid = getattr(e, "migration_id", "")
+        mig = p.migrations.get(mid) if mid else None
+        new_mig = evolve_migration(mig, env) if mid else None
+        inst = evolve_instance(p.instances.get(uuid), env, new_mig or mig)
+        if inst is not None:
+            p.instances[uuid] = inst
+        if new_mig is not None:
+            p.migrations[mid] = new_mig
+    p.offsets[host] = env.offset + 1
+    p.events += 1
+
+
+def fold(envelopes: Iterable[Envelope], projection: Projection | None = None) -> Projection:
+    p = projection.copy() if projection is not None else Projection()
+    for env in envelopes:
+        apply(p, env)
+    return p
+
+
+def evolve(projection: Projection, env: Envelope) -> Projection:
+    return fold((env,), projection)
+
+
+def _version_key(env: Envelope):
+    e = env.event
+    return getattr(e, "instance_version", 0)
+
+
+def merge_logs(logs: dict[str, Iterable[Envelope]]) -> Iterator[Envelope]:
+    """Interleave several hosts' logs so that every instance's events come in version
+    order and every host's in offset order.
+
+    A host event waits until the instance events it follows on other hosts have been
+    yielded: we yield, among the heads of the logs, an event whose instance version is
+    the next one expected for its instance, or a non-instance event. When no head
+    qualifies (a gap or a fork in the versions), the smallest version goes first so the
+    auditor still sees every record and reports the chain break.
+    """
+    iters = {h: iter(log) for h, log in logs.items()}
+    heads: dict[str, Envelope] = {}
+    for h, it in iters.items():
+        env = next(it, None)
+        if env is not None:
+            heads[h] = env
+    expected: dict[str, int] = {}
+
+    def ready(env: Envelope) -> bool:
+        e = env.event
+        return (not isinstance(e, ev.InstanceEvent)
+                or e.instance_version <= expected.get(e.instance_uuid, 0) + 1)
+
+    current = min(heads) if heads else None
+    while heads:
+        if current not in heads or not ready(heads[current]):
+            current = next((h for h in sorted(heads) if ready(heads[h])), None)
+            if current is None:   # a gap or fork: let the smallest version through
+                current = min(heads, key=lambda h: (_version_key(heads[h]), h))
+        env = heads[current]
+        e = env.event
+        if isinstance(e, ev.InstanceEvent):
+            uuid = e.instance_uuid
+            if e.instance_version > expected.get(uuid, 0):
+                expected[uuid] = e.instance_version
+        yield env
+        nxt = next(iters[current], None)
+        if nxt is None:
+            del heads[current]
+        else:
+            heads[current] = nxt

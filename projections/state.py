@@ -1,0 +1,121 @@
+"""The states the projections build: instances, migrations, host ledgers.
+
+All frozen. These are also the views the CLI and the Python API hand out.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from vmresize.events.schema import Flavor, Resources, ZERO
+
+NOSTATE = 0
+
+# Migration statuses (Nova's).
+PRE_MIGRATING, MIGRATING, POST_MIGRATING = "pre-migrating", "migrating", "post-migrating"
+FINISHED, CONFIRMING, CONFIRMED = "finished", "confirming", "confirmed"
+REVERTING, REVERTED, ERROR = "reverting", "reverted", "error"
+FINAL_STATUSES = frozenset({CONFIRMED, REVERTED, ERROR, "failed"})
+
+# Allowed transitions of migration.status (invariant 3); a status may repeat.
+TRANSITIONS = {
+    None: {PRE_MIGRATING, MIGRATING},
+    PRE_MIGRATING: {MIGRATING, ERROR},
+    MIGRATING: {POST_MIGRATING, ERROR},
+    POST_MIGRATING: {FINISHED, ERROR},
+    FINISHED: {CONFIRMING, REVERTING, ERROR},
+    CONFIRMING: {CONFIRMED, ERROR},
+    REVERTING: {REVERTED, ERROR},
+    CONFIRMED: set(),
+    REVERTED: set(),
+    ERROR: set(),
+}
+
+
+class Instance(msgspec.Struct, frozen=True):
+    uuid: str
+    name: str
+    host: str
+    flavor: Flavor
+    vm_state: str
+    task_state: str | None
+    power_state: int
+    version: int
+    resources: Resources = ZERO
+    migration_id: str = ""
+    deleted: bool = False
+
+    @property
+    def status(self) -> str:
+        return server_status(self)
+
+
+def server_status(inst: Instance) -> str:
+    """Nova's server status from vm_state and task_state."""
+    if inst.deleted:
+        return "DELETED"
+    if inst.vm_state == "error":
+        return "ERROR"
+    if inst.task_state == "resize_reverting":
+        return "REVERT_RESIZE"
+    if inst.task_state in ("resize_prep", "resize_migrating", "resize_migrated",
+                           "resize_finish"):
+        return "RESIZE"
+    return {"active": "ACTIVE", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
+            "building": "BUILD"}.get(inst.vm_state, inst.vm_state.upper())
+
+
+class Migration(msgspec.Struct, frozen=True):
+    id: str
+    instance_uuid: str
+    source_compute: str
+    dest_compute: str
+    status: str
+    migration_type: str
+    old_flavor: Flavor
+    new_flavor: Flavor
+    created_at: float
+    updated_at: float
+    old_resources: Resources = ZERO
+    new_resources: Resources = ZERO
+    vm_state: str = "active"           # the instance's vm_state before the migration
+    shared_storage: bool = False
+    disk_migrated: bool = False        # the disks left the source
+    resize_dir: bool = False           # a `<uuid>_resize` dir exists on the source
+    dest_copy: bool = False            # a destination copy exists that is not the instance's
+    source_started: bool = False       # the source moved its allocation to the migration
+    source_settled: bool = False       # the source holds nothing for the migration any more
+    dest_settled: bool = False         # neither does the destination
+    dest_reverted: bool = False        # the destination released the instance (revert)
+    failed_step: str = ""
+    reason: str = ""
+    version: int = 0                   # instance version of the last event applied
+
+    @property
+    def final(self) -> bool:
+        """Ended, compensations included: nothing more will happen to it."""
+        if self.status in (CONFIRMED, REVERTED):
+            return True
+        return (self.status == ERROR and self.dest_settled
+                and (self.source_settled or not self.source_started))
+
+
+class Ledger(msgspec.Struct, frozen=True):
+    """One host's allocations by key (see events.schema) and their sum."""
+    host: str
+    allocations: dict[str, Resources] = {}
+    used: Resources = ZERO
+    capacity: Resources = ZERO
+    limit: Resources = ZERO
+    driver: str = ""
+
+
+def instance_key(uuid: str) -> str:
+    return "i:" + uuid
+
+
+def claim_key(migration_id: str) -> str:
+    return "m:" + migration_id + ":new"
+
+
+def source_key(migration_id: str) -> str:
+    return "m:" + migration_id + ":old"
