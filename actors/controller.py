@@ -420,9 +420,13 @@ class Controller:
         return self.migration(r.migration_id)
 
     async def wait_migration(self, mid: str) -> Migration:
+        """Wait until the resize request of `mid` ended; raise if it failed."""
         r = self.by_migration.get(mid)
-        if r is not None:
-            await self._wait(self._drive(r))
+        if r is None:
+            raise OperationError(f"no migration {mid!r}")
+        await self._wait(self._drive(r))
+        if not r.ok:
+            raise OperationError(r.outcome)
         return self.migration(mid)
 
     async def _wait(self, task) -> None:

@@ -76,6 +76,7 @@ class FakeDomain(msgspec.Struct):
 class _Saved(msgspec.Struct):
     storage: FakeStorage
     domains: dict[str, FakeDomain]
+    calls: dict[str, int] = {}      # calls per step, so an exact fault fires only once
 
 
 def _disks_for(flavor: Flavor) -> dict[str, int]:
@@ -107,11 +108,11 @@ class FakeDriver:
         self._on_crash = on_crash or self._raise_crash
         self._state_path = state_path
         self._rng = rng or random.Random(self.faults.seed)
-        self._calls: dict[str, int] = {}
         self.injected: dict[str, int] = {}
         saved = self._load()
         self.storage = storage if storage is not None else saved.storage
         self.domains: dict[str, FakeDomain] = saved.domains
+        self._calls = dict(saved.calls)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -130,7 +131,7 @@ class FakeDriver:
             return
         tmp = self._state_path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(msgspec.json.encode(_Saved(self.storage, self.domains)))
+            f.write(msgspec.json.encode(_Saved(self.storage, self.domains, self._calls)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._state_path)
@@ -139,6 +140,7 @@ class FakeDriver:
         n = self._calls[step] = self._calls.get(step, 0) + 1
         for fault in self.faults.exact:
             if fault.step == step and fault.call == n:
+                self._save()     # a restarted host must not fire it again
                 return fault.action
         plan = self.faults
         if not (plan.fail_p or plan.hang_p or plan.crash_p):

@@ -1,0 +1,208 @@
+"""The Python API: `Cluster.start(...)`, then boot, resize, confirm, revert, views.
+
+    from vmresize.actors import Cluster
+    cluster = Cluster.start("cluster.yaml", state_dir="/tmp/state")
+    cluster.boot("web-1", "m1.small")
+    handle = cluster.resize("web-1", "m1.medium")
+    handle.wait(60)
+    cluster.confirm("web-1")
+    cluster.stop()
+
+Views are the frozen structs the projections build (`Instance`, `Migration`) and
+`HostInfo`. Refusals raise `OperationError` with the controller's message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+
+from vmresize.actors.config import ClusterConfig, load
+from vmresize.actors.controller import HostInfo, OperationError
+from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
+                                     start_actors, stop_actors)
+from vmresize.projections.audit import AuditReport, audit
+from vmresize.projections.state import Instance, Migration
+
+META_FILE = "ray-meta.json"
+
+
+class NoCluster(Exception):
+    """No cluster is up for this state directory."""
+
+
+def read_meta(state_dir: str) -> dict | None:
+    try:
+        return json.loads((Path(state_dir) / META_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_meta(state_dir: str, meta: dict) -> None:
+    path = Path(state_dir) / META_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+
+
+def _init_ray(address: str | None, namespace: str) -> bool:
+    """Connect to (or start, when `address` is None) Ray; True if we started it."""
+    if ray.is_initialized():
+        return False
+    kw = dict(namespace=namespace, logging_level="ERROR", log_to_driver=False,
+              configure_logging=False)
+    if address:
+        ray.init(address=address, **kw)
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(include_dashboard=False, **kw)
+    return True
+
+
+class MigrationHandle:
+    """A resize or cold migration in flight. `wait` returns it finished (VERIFY_RESIZE)
+    or raises OperationError saying why it failed."""
+
+    def __init__(self, cluster: "Cluster", migration: Migration):
+        self.cluster = cluster
+        self.id = migration.id
+        self.first = migration
+
+    def status(self) -> Migration:
+        return self.cluster._query("migration", self.id)
+
+    def wait(self, timeout_s: float | None = None) -> Migration:
+        ref = self.cluster.controller.call.remote("wait_migration", self.id)
+        return self.cluster._unwrap(ray.get(ref, timeout=timeout_s))
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig, namespace: str, controller, owns_ray: bool,
+                 owns_actors: bool):
+        self.cfg = cfg
+        self.namespace = namespace
+        self.controller = controller
+        self.owns_ray = owns_ray
+        self.owns_actors = owns_actors
+
+    @classmethod
+    def start(cls, config_path, state_dir=None, ray_address=None, *, detached=False,
+              faults=None, snapshot_every: int = 10_000) -> "Cluster":
+        """Start the host actors and the controller (on a local Ray started here unless
+        `ray_address` is given) and return once every host has replayed its log."""
+        cfg = config_path if isinstance(config_path, ClusterConfig) else load(
+            config_path, state_dir)
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        namespace = namespace_for(cfg)
+        owns_ray = _init_ray(ray_address, namespace)
+        hosts, controller = start_actors(cfg, namespace, detached=detached, faults=faults,
+                                         snapshot_every=snapshot_every)
+        cluster = cls(cfg, namespace, controller, owns_ray, owns_actors=True)
+        cluster.host_handles = hosts    # actors that are not detached live while referenced
+        return cluster
+
+    @classmethod
+    def connect(cls, cfg: ClusterConfig, ray_address: str | None = None) -> "Cluster":
+        """Join a cluster that `vmresize up` left running."""
+        meta = read_meta(cfg.state_dir)
+        address = ray_address or (meta or {}).get("address")
+        if not address:
+            raise NoCluster(f"no cluster is up for state directory {cfg.state_dir}; "
+                            f"start one with `vmresize up`")
+        namespace = (meta or {}).get("namespace") or namespace_for(cfg)
+        try:
+            _init_ray(address, namespace)
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise NoCluster(f"no cluster answers at {address} for {cfg.state_dir} "
+                            f"({type(exc).__name__}); start one with `vmresize up`") from None
+        return cls(cfg, namespace, controller, owns_ray=False, owns_actors=False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _unwrap(outcome):
+        if not outcome.ok:
+            raise OperationError(outcome.error)
+        return outcome.value
+
+    def _call(self, method: str, *args, **kw):
+        return self._unwrap(ray.get(self.controller.call.remote(method, *args, **kw)))
+
+    def _query(self, what: str, *args):
+        return self._unwrap(ray.get(self.controller.query.remote(what, *args)))
+
+    # ------------------------------------------------------------------ intents
+
+    def boot(self, name: str, flavor: str, host: str | None = None,
+             stopped: bool = False) -> Instance:
+        return self._call("boot", name, flavor, host, stopped)
+
+    def resize(self, name: str, flavor: str, host: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, flavor, host, wait=False))
+
+    def migrate(self, name: str, host: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, None, host, wait=False))
+
+    def confirm(self, name: str) -> Migration:
+        return self._call("confirm", name)
+
+    def revert(self, name: str) -> Migration:
+        return self._call("revert", name)
+
+    # ------------------------------------------------------------------ views
+
+    def instance(self, name: str) -> Instance:
+        return self._query("instance", name)
+
+    def instances(self) -> list[Instance]:
+        return self._query("instances")
+
+    def migrations(self) -> list[Migration]:
+        return self._query("migrations")
+
+    def hosts(self) -> list[HostInfo]:
+        return self._query("hosts")
+
+    def round_trips(self) -> int:
+        return self._query("round_trips")
+
+    # ------------------------------------------------------------------ operations
+
+    def crash_host(self, name: str, timeout_s: float = 60) -> float:
+        """Kill the host actor's process; Ray restarts it from its log. Returns the
+        seconds until it answered again (log replayed, recovery started)."""
+        handle = ray.get_actor(HOST_PREFIX + name, namespace=self.namespace)
+        before = ray.get(handle.ready.remote())["pid"]
+        start = time.monotonic()
+        try:
+            ray.get(handle.crash.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        deadline = start + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                info = ray.get(handle.ready.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                continue
+            if info["pid"] != before:
+                return time.monotonic() - start
+        raise TimeoutError(f"host {name} did not come back within {timeout_s} s")
+
+    def audit(self, as_of: str | None = None) -> AuditReport:
+        return audit(self.cfg.state_dir, as_of)
+
+    def stop(self) -> None:
+        if self.owns_actors:
+            stop_actors(self.cfg, self.namespace)
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
