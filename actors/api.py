@@ -90,7 +90,8 @@ class Cluster:
 
     @classmethod
     def start(cls, config_path, state_dir=None, ray_address=None, *, detached=False,
-              faults=None, snapshot_every: int = 10_000) -> "Cluster":
+              faults=None, snapshot_every: int = 10_000,
+              latency_s: float = 0.0) -> "Cluster":
         """Start the host actors and the controller (on a local Ray started here unless
         `ray_address` is given) and return once every host has replayed its log."""
         cfg = config_path if isinstance(config_path, ClusterConfig) else load(
@@ -99,7 +100,7 @@ class Cluster:
         namespace = namespace_for(cfg)
         owns_ray = _init_ray(ray_address, namespace)
         hosts, controller = start_actors(cfg, namespace, detached=detached, faults=faults,
-                                         snapshot_every=snapshot_every)
+                                         snapshot_every=snapshot_every, latency_s=latency_s)
         cluster = cls(cfg, namespace, controller, owns_ray, owns_actors=True)
         cluster.host_handles = hosts    # actors that are not detached live while referenced
         return cluster

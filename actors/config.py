@@ -180,6 +180,28 @@ def _check(cfg: ClusterConfig, source: str) -> None:
         raise ConfigError(f"{source}: flavors: at least one flavor is needed")
 
 
+DEFAULT_YAML = """
+state_dir: ./state
+flavors:
+  m1.tiny:   {vcpus: 1, memory_mb: 512,   root_gb: 1}
+  m1.small:  {vcpus: 1, memory_mb: 2048,  root_gb: 20}
+  m1.medium: {vcpus: 2, memory_mb: 4096,  root_gb: 40}
+  m1.large:  {vcpus: 4, memory_mb: 8192,  root_gb: 80}
+  m1.xlarge: {vcpus: 8, memory_mb: 16384, root_gb: 160}
+hosts:
+  - {name: compute-1, vcpus: 8, memory_mb: 16384, disk_gb: 400}
+  - {name: compute-2, vcpus: 8, memory_mb: 16384, disk_gb: 400}
+  - {name: compute-3, vcpus: 16, memory_mb: 32768, disk_gb: 800}
+"""
+
+
+def default(state_dir: str | None = None) -> ClusterConfig:
+    """The built-in cluster, for `demo` and `simulate` where no cluster.yaml exists."""
+    cfg = parse(DEFAULT_YAML, "(built-in cluster)")
+    state = Path(state_dir or cfg.state_dir).resolve()
+    return msgspec.structs.replace(cfg, state_dir=str(state))
+
+
 def load(path: str | Path, state_dir: str | None = None) -> ClusterConfig:
     path = Path(path)
     try:

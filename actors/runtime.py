@@ -25,7 +25,7 @@ from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
                                         OperationError, Options)
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
-from vmresize.drivers.fake import FakeDriver, FaultPlan
+from vmresize.drivers.fake import FakeDriver, FaultPlan, Latency
 from vmresize.events.log import SegmentLog
 from vmresize.events.schema import Resources
 from vmresize.events.store import controller_dir, host_dir
@@ -49,7 +49,7 @@ class Outcome(msgspec.Struct, frozen=True):
 
 
 def make_driver(cfg: ClusterConfig, spec: HostSpec, state_path: str | None,
-                faults: FaultPlan | None = None):
+                faults: FaultPlan | None = None, latency_s: float = 0.0):
     overhead = Resources(spec.overhead_vcpus, spec.overhead_memory_mb, 0)
     if spec.driver == "libvirt":
         from vmresize.drivers.libvirt_driver import LibvirtDriver
@@ -58,14 +58,16 @@ def make_driver(cfg: ClusterConfig, spec: HostSpec, state_path: str | None,
                              image=spec.image or None, overhead=overhead,
                              timeout_s=cfg.options.step_timeout_s)
     return FakeDriver(spec.name, spec.capacity, overhead=overhead, faults=faults,
-                      state_path=state_path, on_crash=lambda: os._exit(1))
+                      latency=Latency(latency_s, latency_s / 2), state_path=state_path,
+                      on_crash=lambda: os._exit(1))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
 class HostActor:
     def __init__(self, cfg: ClusterConfig, name: str, faults: FaultPlan | None = None,
-                 snapshot_every: int = 10_000):
+                 snapshot_every: int = 10_000, latency_s: float = 0.0):
         self.cfg = cfg
+        self.latency_s = latency_s
         self.spec = cfg.host(name)
         self.faults = faults
         self.snapshot_every = snapshot_every
@@ -86,7 +88,7 @@ class HostActor:
         base.mkdir(parents=True, exist_ok=True)
         raw = SegmentLog(base / "log", fsync=True)
         driver = make_driver(self.cfg, self.spec, str(base / "fake-driver-meta.json"),
-                             self.faults)
+                             self.faults, self.latency_s)
         policy = HostPolicy(name=self.spec.name, limit=self.cfg.limit(self.spec),
                             overhead=driver.overhead(None))
         shell = HostShell(policy, HostEventLog(raw, self.spec.name, time.time), driver,
@@ -238,7 +240,8 @@ class ControllerActor:
 
 
 def start_actors(cfg: ClusterConfig, namespace: str, *, detached: bool = True,
-                 faults: dict[str, FaultPlan] | None = None, snapshot_every: int = 10_000):
+                 faults: dict[str, FaultPlan] | None = None, snapshot_every: int = 10_000,
+                 latency_s: float = 0.0):
     """Create (or find) every host actor and the controller; wait until all answer."""
     lifetime = "detached" if detached else None
     hosts = {}
@@ -248,7 +251,7 @@ def start_actors(cfg: ClusterConfig, namespace: str, *, detached: bool = True,
         if spec.resources:
             opts["resources"] = dict(spec.resources)
         hosts[spec.name] = HostActor.options(**opts).remote(
-            cfg, spec.name, (faults or {}).get(spec.name), snapshot_every)
+            cfg, spec.name, (faults or {}).get(spec.name), snapshot_every, latency_s)
     ray.get([h.ready.remote() for h in hosts.values()])
     controller = ControllerActor.options(name=CONTROLLER_NAME, namespace=namespace,
                                          lifetime=lifetime, get_if_exists=True).remote(

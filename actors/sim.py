@@ -132,6 +132,8 @@ class Simulator:
         self.failed = 0
         self.crashes = 0
         self.history: list[str] = []
+        self.timeline: list[tuple[float, int, float]] = []
+        self.sample_every = max(1, cfg.operations // 100)
 
     # ------------------------------------------------------------------ randomness
 
@@ -157,6 +159,16 @@ class Simulator:
             self.hash.update(encode(env))
             self.checker.feed(env)
             self.events += 1
+            if self.events % self.sample_every == 0:
+                self._sample(env.wall_time - EPOCH)
+
+    def _sample(self, t: float) -> None:
+        """One point of the timeline `--plot` draws: open migrations, memory used."""
+        p = self.checker.p
+        open_migrations = sum(1 for m in p.migrations.values() if not m.final)
+        used = sum(l.used.memory_mb for l in p.ledgers.values())
+        limit = sum(l.limit.memory_mb for l in p.ledgers.values()) or 1
+        self.timeline.append((round(t, 3), open_migrations, round(100 * used / limit, 2)))
 
     # ------------------------------------------------------------------ hosts
 

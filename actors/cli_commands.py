@@ -1,0 +1,302 @@
+"""What each `vmresize` command does; argument parsing and output helpers are in cli.py.
+
+Ray is imported only inside the commands that talk to a cluster.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from vmresize.actors.cli import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CliError, Out,
+                                 _config, _state_dir, host_doc, instance_doc, iso,
+                                 migration_doc)
+from vmresize.events.log import CorruptLog, LogError
+
+INSTANCE_COLUMNS = ["name", "status", "host", "flavor", "vm_state", "task_state",
+                    "power_state", "version", "uuid"]
+MIGRATION_COLUMNS = ["id", "status", "migration_type", "source_compute", "dest_compute",
+                     "old_flavor", "new_flavor", "created_at", "updated_at"]
+HOST_COLUMNS = ["name", "driver", "up", "vcpus_used", "vcpus_limit", "memory_mb_used",
+                "memory_mb_limit", "disk_gb_used", "disk_gb_limit"]
+
+
+# --------------------------------------------------------------------------- cluster access
+
+def _connect(args):
+    cfg = _config(args)
+    from vmresize.actors.api import Cluster, NoCluster
+    try:
+        return Cluster.connect(cfg, args.ray_address)
+    except NoCluster as exc:
+        raise CliError(str(exc)) from None
+
+
+def _refused(fn, *a, **kw):
+    from vmresize.actors.controller import OperationError
+    try:
+        return fn(*a, **kw)
+    except OperationError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_up(args, out: Out) -> int:
+    cfg = _config(args)
+    from vmresize.actors.api import Cluster, NoCluster, read_meta, write_meta
+    from vmresize.actors import raylocal
+    meta = read_meta(cfg.state_dir)
+    if meta is not None:
+        try:
+            cluster = Cluster.connect(cfg, args.ray_address)
+            _print_hosts(out, cluster.hosts(), "already up")
+            return EXIT_OK
+        except NoCluster:
+            pass     # a stale record of an earlier `up`; start afresh
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    if args.ray_address:
+        meta = {"address": args.ray_address, "started": False, "session": None}
+    else:
+        resources: dict[str, float] = {}
+        for h in cfg.hosts:
+            for k, v in h.resources.items():
+                resources[k] = resources.get(k, 0) + v
+        try:
+            meta = raylocal.start_head(resources)
+        except (RuntimeError, OSError) as exc:
+            raise CliError(str(exc)) from None
+        meta["started"] = True
+    from vmresize.actors.runtime import namespace_for
+    meta["namespace"] = namespace_for(cfg)
+    write_meta(cfg.state_dir, meta)
+    cluster = Cluster.start(cfg, ray_address=meta["address"], detached=True)
+    cluster.owns_actors = False
+    _print_hosts(out, cluster.hosts(), f"up at {meta['address']}")
+    return EXIT_OK
+
+
+def cmd_down(args, out: Out) -> int:
+    cfg = _config(args)
+    from vmresize.actors.api import META_FILE, read_meta
+    from vmresize.actors import raylocal
+    meta = read_meta(cfg.state_dir)
+    if meta is None:
+        out.line(f"no cluster is up for {cfg.state_dir}")
+        if out.json:
+            out.doc({"stopped": 0})
+        return EXIT_OK
+    import ray
+    from vmresize.actors.api import _init_ray
+    from vmresize.actors.runtime import stop_actors
+    stopped = 0
+    try:
+        _init_ray(meta["address"], meta.get("namespace", ""))
+        stopped = stop_actors(cfg, meta.get("namespace", ""))
+        ray.shutdown()
+    except (ConnectionError, RuntimeError, ValueError):
+        pass      # Ray is gone already; still clean up what `up` started
+    if meta.get("started"):
+        raylocal.stop_head(meta.get("session"))
+    (Path(cfg.state_dir) / META_FILE).unlink(missing_ok=True)
+    out.line(f"stopped {stopped} actors" + (" and the local Ray" if meta.get("started")
+                                             else ""))
+    if out.json:
+        out.doc({"stopped": stopped, "ray_stopped": bool(meta.get("started"))})
+    return EXIT_OK
+
+
+def cmd_boot(args, out: Out) -> int:
+    cluster = _connect(args)
+    inst = _refused(cluster.boot, args.name, args.flavor, args.host, args.stopped)
+    out.doc(instance_doc(inst), f"instance {inst.name}")
+    return EXIT_OK
+
+
+def _wait_migration(cluster, handle, out: Out, timeout_s: float):
+    """Wait for a resize or migration, showing its status as it moves."""
+    if out.json or not sys.stderr.isatty():
+        return _refused(handle.wait, timeout_s)
+    from rich.console import Console
+    deadline = time.monotonic() + timeout_s
+    with Console(stderr=True).status(f"migration {handle.id}: {handle.first.status}") as st:
+        while time.monotonic() < deadline:
+            mig = handle.status()
+            st.update(f"migration {handle.id}: {mig.status} "
+                      f"({mig.source_compute} -> {mig.dest_compute})")
+            if mig.status in ("finished", "error", "confirmed", "reverted"):
+                break
+            time.sleep(0.2)     # a progress display, not a synchronisation
+    return _refused(handle.wait, max(1.0, deadline - time.monotonic()))
+
+
+def _resize_like(args, out: Out, flavor) -> int:
+    cluster = _connect(args)
+    start = cluster.migrate if flavor is None else cluster.resize
+    fargs = (args.name, args.host) if flavor is None else (args.name, flavor, args.host)
+    handle = _refused(start, *fargs)
+    mig = handle.first if args.no_wait else _wait_migration(cluster, handle, out,
+                                                            args.timeout)
+    out.doc(migration_doc(mig), f"migration {mig.id}")
+    return EXIT_OK
+
+
+def cmd_resize(args, out: Out) -> int:
+    return _resize_like(args, out, args.flavor)
+
+
+def cmd_migrate(args, out: Out) -> int:
+    return _resize_like(args, out, None)
+
+
+def cmd_confirm(args, out: Out) -> int:
+    cluster = _connect(args)
+    mig = _refused(cluster.confirm, args.name)
+    out.doc(migration_doc(mig), f"migration {mig.id}")
+    return EXIT_OK
+
+
+def cmd_revert(args, out: Out) -> int:
+    cluster = _connect(args)
+    mig = _refused(cluster.revert, args.name)
+    out.doc(migration_doc(mig), f"migration {mig.id}")
+    return EXIT_OK
+
+
+def cmd_show(args, out: Out) -> int:
+    cluster = _connect(args)
+    inst = _refused(cluster.instance, args.name)
+    out.doc(instance_doc(inst), f"instance {inst.name}")
+    return EXIT_OK
+
+
+def _print_hosts(out: Out, hosts, title: str = "hosts") -> None:
+    out.table([host_doc(h) for h in hosts], title, HOST_COLUMNS)
+
+
+def cmd_list(args, out: Out) -> int:
+    cluster = _connect(args)
+    if args.what == "instances":
+        out.table([instance_doc(i) for i in cluster.instances()], "instances",
+                  INSTANCE_COLUMNS)
+    elif args.what == "migrations":
+        out.table([migration_doc(m) for m in cluster.migrations()], "migrations",
+                  MIGRATION_COLUMNS)
+    else:
+        _print_hosts(out, cluster.hosts())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- offline
+
+def _offline_state_dir(args) -> Path:
+    cfg = _config(args, required=False)
+    state = Path(_state_dir(args, cfg))
+    if not (state / "hosts").is_dir() or not any((state / "hosts").iterdir()):
+        raise CliError(f"--state-dir: {state} holds no host logs", EXIT_BAD_INPUT)
+    return state
+
+
+def cmd_audit(args, out: Out) -> int:
+    state = _offline_state_dir(args)
+    from vmresize.projections.audit import audit
+    try:
+        report = audit(state, args.as_of)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    except CorruptLog as exc:
+        raise CliError(f"corrupt log: {exc}", EXIT_BAD_INPUT) from None
+    except LogError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    if out.json:
+        out.doc(msgspec.to_builtins(report))
+    else:
+        _print_audit(out, report, state)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_audit(out: Out, report, state: Path) -> None:
+    for t in report.torn_tails:
+        out.line(f"[yellow]torn tail[/] on {t.host}: {t.bytes_dropped} bytes at offset "
+                 f"{t.offset} in {t.segment} (ignored)")
+    if report.violations:
+        out.table([msgspec.to_builtins(v) for v in report.violations], "violations",
+                  ["invariant", "host", "offset", "message"])
+    verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.violations)} violation(s)[/]"
+    out.line(f"audit of {state}: {verdict} — {report.events} events from {report.hosts} "
+             f"hosts, {report.instances} instances, {report.migrations} migrations "
+             f"({report.open_migrations} open)")
+
+
+def _event_doc(env) -> dict:
+    return {"host": env.host, "offset": env.offset, "wall_time": env.wall_time,
+            "time": iso(env.wall_time), "event": msgspec.to_builtins(env.event)}
+
+
+def cmd_events(args, out: Out) -> int:
+    state = _offline_state_dir(args)
+    from vmresize.events.store import open_host_logs
+    readers = open_host_logs(state)
+    if args.host and args.host not in readers:
+        raise CliError(f"--host: no log for host {args.host!r} (hosts: "
+                       f"{', '.join(readers)})", EXIT_BAD_INPUT)
+    if args.host:
+        readers = {args.host: readers[args.host]}
+    names = _instance_names(readers) if args.instance else {}
+    if args.instance and args.instance not in names.values():
+        raise CliError(f"--instance: no events for instance {args.instance!r}",
+                       EXIT_BAD_INPUT)
+    try:
+        cursors = {h: args.start for h in readers}
+        _print_events(out, readers, cursors, args.instance, names)
+        while args.follow:
+            time.sleep(0.5)       # --follow polls the files; a person is reading
+            _print_events(out, readers, cursors, args.instance, names, refresh=True)
+    except CorruptLog as exc:
+        raise CliError(f"corrupt log: {exc}", EXIT_BAD_INPUT) from None
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    return EXIT_OK
+
+
+def _instance_names(readers) -> dict[str, str]:
+    names = {}
+    for r in readers.values():
+        for env in r.envelopes():
+            e = env.event
+            name = getattr(e, "name", None) or getattr(getattr(e, "spec", None), "name", None)
+            if name and getattr(e, "instance_uuid", None):
+                names[e.instance_uuid] = name
+    return names
+
+
+def _print_events(out, readers, cursors, instance, names, refresh=False) -> None:
+    from vmresize.events.store import HostLogReader
+    for host, r in readers.items():
+        if refresh:
+            r = readers[host] = HostLogReader(r.log_dir.parent.parent.parent, host)
+        for env in r.envelopes(cursors[host]):
+            cursors[host] = env.offset + 1
+            uuid = getattr(env.event, "instance_uuid", None)
+            if instance and names.get(uuid) != instance:
+                continue
+            if out.json:
+                sys.stdout.write(msgspec.json.encode(_event_doc(env)).decode() + "\n")
+            else:
+                e = env.event
+                what = ", ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(e).items()
+                                 if k in ("instance_uuid", "instance_version",
+                                          "migration_id", "step", "reason", "name"))
+                out.line(f"{iso(env.wall_time)} {env.host}:{env.offset} "
+                         f"[bold]{type(e).__name__}[/] {what}")
+        sys.stdout.flush()
+
+
+def cmd_simulate(args, out: Out) -> int:
+    from vmresize.actors.simulate_cli import run_simulate
+    return run_simulate(args, out)
+
+
+def cmd_demo(args, out: Out) -> int:
+    from vmresize.actors.demo import run_demo
+    return run_demo(args, out)
