@@ -58,7 +58,8 @@ def _init_ray(address: str | None, namespace: str) -> bool:
         ray.init(address=address, **kw)
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(include_dashboard=False, **kw)
+    # "local": a new Ray of our own, never one that `ray start` left on this machine.
+    ray.init(address="local", include_dashboard=False, **kw)
     return True
 
 

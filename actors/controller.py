@@ -407,6 +407,11 @@ class Controller:
         if request_id not in self.requests:
             inst = self.instance_by_name(name)
             mig = self.view.migrations.get(inst.migration_id)
+            busy = [r for r in self.requests.values() if mig is not None and not r.ended
+                    and r.migration_id == mig.id and r.kind in ("confirm", "revert")]
+            if busy:
+                raise OperationError(f"cannot {kind} {name!r}: a {busy[0].kind} of "
+                                     f"migration {mig.id} is under way")
             if mig is None or mig.status != FINISHED:
                 state = f"{inst.vm_state}" + (f", migration {mig.status}" if mig else "")
                 raise OperationError(f"cannot {kind} {name!r}: it is not waiting in "
@@ -578,7 +583,7 @@ class Controller:
                              instance_uuid=mig.instance_uuid,
                              instance_version=self._version(mig.instance_uuid),
                              migration_id=mig.id, role=role, reason=reason,
-                             remove_disks=mig.source_started and not mig.shared_storage)
+                             remove_disks=role == "dest" and mig.dest_copy)
         await self._send_until_ok(host, cmd)
 
     async def _restore(self, mig: Migration) -> None:
@@ -598,7 +603,7 @@ class Controller:
     async def _compensate(self, mig: Migration) -> None:
         """After a failure: make both ends let go of what the migration holds."""
         mig = self.view.migrations[mig.id]
-        if not mig.dest_settled:
+        if not mig.dest_settled or (mig.dest_copy and mig.failed_step == "finish"):
             await self._release(mig, "dest", mig.reason)
         mig = self.view.migrations[mig.id]
         if mig.source_started and not mig.source_settled:

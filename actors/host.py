@@ -146,7 +146,8 @@ def decide_release(state: Projection, policy: HostPolicy, cmd: c.ReleaseClaim):
     if cmd.migration_id not in state.migrations:
         return Rejected(f"migration {cmd.migration_id} is unknown here")
     ledger = _ledger(state, policy.name)
-    if cmd.role == "dest" and claim_key(cmd.migration_id) not in ledger.allocations:
+    if (cmd.role == "dest" and not cmd.remove_disks
+            and claim_key(cmd.migration_id) not in ledger.allocations):
         return Rejected(f"{policy.name} holds no claim for {cmd.migration_id}")
     return []
 

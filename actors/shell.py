@@ -18,7 +18,7 @@ import msgspec
 
 from vmresize.actors import commands as c
 from vmresize.actors.commands import Rejected, Reply
-from vmresize.actors.host import HostPolicy, decide
+from vmresize.actors.host import HostPolicy, decide, probe_name
 from vmresize.drivers.base import DriverError, DriverTimeout, InstanceSpec
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_host, encode
@@ -186,9 +186,12 @@ class HostShell:
             if direct is None:
                 if isinstance(cmd, c.PrepResize) and isinstance(result[0], ev.Claimed):
                     result = await self._create_probe(result)
+                if isinstance(result[0], ev.ClaimRejected):
+                    # An earlier try of this command may have created the probe.
+                    await self._quietly(self.driver.remove_probe(probe_name(cmd.migration_id)))
                 envs = await self._append(result)
         if direct is not None:
-            return await direct(self, cmd)
+            return await getattr(self, direct)(cmd)
         if isinstance(envs[-1].event, INTENTS):
             return await self._effect(envs[-1], envs[:-1])
         return _reply(cid, envs)
@@ -216,7 +219,7 @@ class HostShell:
     async def _effect(self, intent: Envelope, before: list | None = None) -> Reply:
         """Run the driver call of an intent and append its outcome."""
         e = intent.event
-        outcome = await _EFFECTS[type(e)](self, e)
+        outcome = await getattr(self, _EFFECTS[type(e)])(e)
         if outcome is None:      # a cleanup step failed: the intent stays open
             return Reply(command_id=e.command_id, ok=False, retryable=True,
                          reason=self._last_error, events=(before or []) + [intent])
@@ -248,18 +251,21 @@ class HostShell:
         old = InstanceSpec(uuid=e.instance_uuid, name=spec.name, flavor=spec.old_flavor)
         power = RUNNING if spec.vm_state == "active" else SHUTDOWN
         shared = spec.source == spec.dest
+        probed = shared
         try:
             shared = shared or (bool(e.probe) and
                                 await self._call(self.driver.probe_exists(e.probe)))
+            probed = True
             sink = None if shared or self.sink_factory is None else self.sink_factory(spec.dest)
             disks = await self._call(self.driver.migrate_disk_and_power_off(
                 old, spec.new_flavor, shared, sink))
         except DriverError as exc:
             rolled_back = await self._quietly(
                 self.driver.finish_revert_migration(old, power_on=power == RUNNING))
+            # Only a source that knew the storage was not shared may have sent disks.
             return [_next(ev.Failed, e, step="migrate", reason=str(exc),
                           rolled_back=rolled_back, power_state=power,
-                          shared_storage=shared)]
+                          shared_storage=shared, dest_copy=probed and not shared)]
         return [_next(ev.DiskMigrated, e, shared_storage=shared, disks=tuple(disks))]
 
     async def _finish(self, e: ev.FinishStarted):
@@ -267,7 +273,7 @@ class HostShell:
         new = InstanceSpec(uuid=e.instance_uuid, name=self._name_of(e.instance_uuid),
                            flavor=mig.new_flavor)
         power_on = mig.vm_state == "active"
-        await self._quietly(self.driver.remove_probe(f".vmresize-probe-{e.migration_id}"))
+        await self._quietly(self.driver.remove_probe(probe_name(e.migration_id)))
         try:
             await self._call(self.driver.finish_migration(new, e.disks, e.shared_storage,
                                                           power_on))
@@ -318,7 +324,7 @@ class HostShell:
     async def _release(self, cmd: c.ReleaseClaim) -> Reply:
         mig = self.state.migrations[cmd.migration_id]
         if cmd.role == "dest":
-            await self._quietly(self.driver.remove_probe(f".vmresize-probe-{mig.id}"))
+            await self._quietly(self.driver.remove_probe(probe_name(mig.id)))
             if cmd.remove_disks and mig.source_compute != self.name:
                 # Drop what the source sent before it failed; never on shared storage,
                 # where the instance's own directory is the same one.
@@ -326,7 +332,8 @@ class HostShell:
                     return Reply(command_id=cmd.command_id, ok=False, retryable=True,
                                  reason=f"release on {self.name}: destroy failed")
         return await self._outcome_of(cmd, ev.ClaimReleased, role=cmd.role,
-                                      reason=cmd.reason)
+                                      reason=cmd.reason,
+                                      disks_removed=cmd.role == "dest" and cmd.remove_disks)
 
     async def _outcome_of(self, cmd, cls, **fields) -> Reply:
         async with self._lock:
@@ -366,8 +373,8 @@ def _reply(command_id: str, envs: list[Envelope]) -> Reply:
 
 
 _EFFECTS = {
-    ev.SpawnStarted: HostShell._spawn, ev.MigrationStarted: HostShell._migrate,
-    ev.FinishStarted: HostShell._finish, ev.ConfirmStarted: HostShell._confirm,
-    ev.RevertStarted: HostShell._revert_dest, ev.RevertFinishStarted: HostShell._finish_revert,
+    ev.SpawnStarted: "_spawn", ev.MigrationStarted: "_migrate",
+    ev.FinishStarted: "_finish", ev.ConfirmStarted: "_confirm",
+    ev.RevertStarted: "_revert_dest", ev.RevertFinishStarted: "_finish_revert",
 }
-_DIRECT = {c.RestoreSource: HostShell._restore, c.ReleaseClaim: HostShell._release}
+_DIRECT = {c.RestoreSource: "_restore", c.ReleaseClaim: "_release"}

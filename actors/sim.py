@@ -81,7 +81,7 @@ class _Host:
         self.raw_log = raw_log
         self.driver = driver
         self.shell: HostShell | None = None
-        self.tasks: set[asyncio.Future] = set()
+        self.tasks: dict[asyncio.Future, None] = {}    # insertion order: deterministic
         self.generation = 0
 
 
@@ -100,7 +100,8 @@ class _TappedLog(HostEventLog):
             raise HostCrashed()     # a task of a crashed incarnation: never append
         envs = await super().append(events)
         self.sim.observe(envs)
-        if self.sim.roll("crash", self.sim.cfg.crash_p):
+        # No crash while the host is still starting (its shell is not serving yet).
+        if self.sim_host.shell is not None and self.sim.roll("crash", self.sim.cfg.crash_p):
             self.sim.crash_host(self.sim_host.name)
             raise HostCrashed()
         return envs
@@ -124,7 +125,7 @@ class Simulator:
         self.events = 0
         self.hosts: dict[str, _Host] = {}
         self.controller: Controller | None = None
-        self.controller_tasks: set[asyncio.Future] = set()
+        self.controller_tasks: dict[asyncio.Future, None] = {}
         self.controller_generation = 0
         self.controller_ready: asyncio.Event | None = None
         self.done_ops = 0
@@ -202,8 +203,8 @@ class Simulator:
 
     def _host_task(self, host: _Host, coro):
         task = asyncio.ensure_future(coro)
-        host.tasks.add(task)
-        task.add_done_callback(host.tasks.discard)
+        host.tasks[task] = None
+        task.add_done_callback(lambda t: host.tasks.pop(t, None))
         return task
 
     async def start_host(self, name: str) -> None:
@@ -245,6 +246,7 @@ class Simulator:
         d = 0.001
         if "delay" in self.cfg.faults and self.faults_on:
             d += self.rng.expovariate(1 / 0.02)
+            self.injected["delay"] += 1
         if self.roll("reorder", 0.05):
             d += self.rng.random() * 2.0
         return d
@@ -299,8 +301,8 @@ class Simulator:
 
     def _controller_task(self, coro):
         task = asyncio.ensure_future(coro)
-        self.controller_tasks.add(task)
-        task.add_done_callback(self.controller_tasks.discard)
+        self.controller_tasks[task] = None
+        task.add_done_callback(lambda t: self.controller_tasks.pop(t, None))
         return task
 
     async def start_controller(self) -> None:
@@ -479,6 +481,44 @@ class Simulator:
             if mig.status == FINISHED:
                 await self.ask("confirm", ctl.view.instances[mig.instance_uuid].name)
 
+    def driver_mismatches(self) -> list[str]:
+        """What the fake hypervisors hold that the logs do not say, or the reverse:
+        a domain, a disk directory, a `_resize` directory or a probe file."""
+        view = self.controller.view
+        live = {u: i for u, i in view.instances.items()
+                if not i.deleted and i.vm_state not in ("error", "building")}
+        errored = {u for u, i in view.instances.items() if i.vm_state == "error"}
+        problems = []
+        pools: dict[int, tuple] = {}
+        for name, host in self.hosts.items():
+            want = {u for u, i in live.items() if i.host == name}
+            got = set(host.driver.domains) - errored
+            if got != want:
+                problems.append(f"drivers: {name} domains: extra {sorted(got - want)}, "
+                                f"missing {sorted(want - got)}")
+            pools.setdefault(id(host.driver.storage), (host.driver.storage, []))[1].append(name)
+        for storage, names in pools.values():
+            want = {u for u, i in live.items() if i.host in names}
+            dirs = {d for d in storage.dirs if d.removesuffix("_resize") not in errored}
+            left = sorted(d for d in dirs if d.endswith("_resize"))
+            got = {d for d in dirs if not d.endswith("_resize")}
+            if left:
+                problems.append(f"drivers: {names}: _resize dirs left: {left}")
+            if got != want:
+                problems.append(f"drivers: {names} disks: extra {sorted(got - want)}, "
+                                f"missing {sorted(want - got)}")
+            if storage.probes:
+                problems.append(f"drivers: {names}: probes left: {storage.probes}")
+        return problems
+
+    def fault_counts(self) -> dict[str, int]:
+        counts = dict(self.injected)
+        for host in self.hosts.values():
+            inj = host.driver.injected
+            counts["driver"] += inj.get("fail", 0) + inj.get("hang", 0)
+            counts["crash"] += inj.get("crash", 0)
+        return counts
+
     def liveness(self) -> list[str]:
         problems = []
         ctl = self.controller
@@ -507,6 +547,7 @@ class Simulator:
         problems = [f"{v.invariant} at {v.host}:{v.offset}: {v.message}"
                     for v in self.checker.violations]
         problems += self.liveness()
+        problems += self.driver_mismatches()
         report = audit(self.state_dir)
         problems += [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
                      for v in report.violations]
@@ -515,7 +556,7 @@ class Simulator:
             seed=self.cfg.seed, operations=self.done_ops, resizes_finished=self.finished,
             resizes_failed=self.failed, crashes=self.crashes, violations=len(problems),
             digest=self.hash.hexdigest()[:32], wall_s=round(wall_s, 3), events=self.events,
-            faults=dict(self.injected), virtual_s=round(virtual_s, 3),
+            faults=self.fault_counts(), virtual_s=round(virtual_s, 3),
             resizes_per_s=round(self.finished / wall_s, 1) if wall_s else 0.0,
             events_per_s=round(self.events / wall_s, 1) if wall_s else 0.0,
             violation_list=problems[:50])

@@ -159,6 +159,7 @@ class ClaimReleased(MigrationEvent, frozen=True, tag="ClaimReleased", kw_only=Tr
     "dest") is released."""
     reason: str
     role: str = "dest"
+    disks_removed: bool = False      # dest: the copy the source had sent was removed
 
 
 # -- resize: the source moves the disks
@@ -230,6 +231,7 @@ class Failed(MigrationEvent, frozen=True, tag="Failed", kw_only=True):
     rolled_back: bool
     power_state: int = RUNNING
     shared_storage: bool = False     # migrate: what the probe found before it failed
+    dest_copy: bool = False          # migrate: disks may have reached the destination
 
 
 class SourceRestored(MigrationEvent, frozen=True, tag="SourceRestored", kw_only=True):

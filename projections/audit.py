@@ -272,8 +272,11 @@ def audit(state_dir, as_of: str | None = None) -> AuditReport:
     """Audit a state directory with no cluster running. Raises CorruptLog (a bad record
     before the tail) and LogError (no such directory)."""
     from vmresize.events.store import open_host_logs
+    from vmresize.events.log import LogError
     offset, wall_time = parse_as_of(as_of)
     readers = open_host_logs(state_dir)
+    if not readers:
+        raise LogError(f"{state_dir}: no host logs (missing or empty state directory)")
     logs = {}
     for host, r in readers.items():
         stream = r.envelopes(0, offset)

@@ -171,6 +171,8 @@ def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
         changes.update(dest_copy=False, dest_reverted=True)
     elif t is ev.Failed and e.step == "finish" and e.rolled_back:
         changes.update(dest_copy=False)
+    elif t is ev.ClaimReleased and e.role == "dest" and e.disks_removed:
+        changes.update(dest_copy=False)
     elif t is ev.MigrationStarted:
         changes.update(source_started=True)
     if t in _DEST_SETTLES or (t is ev.ClaimReleased and e.role == "dest") or (
@@ -182,7 +184,8 @@ def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
     if t is ev.Failed:
         changes.update(failed_step=e.step, reason=e.reason)
         if e.step == "migrate":
-            changes.update(shared_storage=e.shared_storage)
+            changes.update(shared_storage=e.shared_storage,
+                           dest_copy=mig.dest_copy or e.dest_copy)
     return replace(mig, **changes)
 
 

@@ -1,0 +1,364 @@
+"""The auditor: a clean history passes; each broken invariant is caught with its name and
+the host and offset of the offending record; `as_of` cuts by offset and by time; a
+missing state directory is an error that writes nothing."""
+from __future__ import annotations
+
+import importlib
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import given, settings
+
+import strategies as s
+from strategies import SMALL, TINY, History
+from vmresize.events import schema as ev
+from vmresize.events.log import LogError
+from vmresize.events.schema import Resources
+from vmresize.projections import audit, check
+
+fold_module = importlib.import_module("vmresize.projections.fold")   # the package's
+# `fold` attribute is the function, which shadows the module of the same name
+
+U, M = "u", "m"
+
+
+def violations(h: History, invariant: str | None = None):
+    report = check(h.logs)
+    found = [v for v in report.violations if invariant is None or v.invariant == invariant]
+    return report, found
+
+
+def resized(old=TINY, new=SMALL) -> History:
+    h = History()
+    h.boot("a", U, old)
+    h.resize(M, U, "a", "b", old, new)
+    return h
+
+
+# --------------------------------------------------------------------------- clean
+
+def test_clean_hand_history_passes():
+    h = resized()
+    h.full_resize(M)
+    h.revert_dest(M)
+    h.finish_revert(M)
+    h.resize("m2", U, "a", "b", TINY, SMALL)
+    h.full_resize("m2")
+    h.confirm("m2")
+    report = check(h.logs)
+    assert report.ok and report.violations == []
+    assert (report.events, report.hosts, report.instances, report.migrations) == (
+        sum(len(log) for log in h.logs.values()), 2, 1, 2)
+    assert report.open_migrations == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=s.hand_histories())
+def test_every_hand_built_protocol_path_passes(h):
+    report = check(h.logs)
+    assert report.ok, report.violations
+
+
+@settings(max_examples=15, deadline=None)
+@given(logs=s.protocol_histories())
+def test_simulated_histories_pass(logs):
+    report = check(logs)
+    assert report.ok, report.violations
+    assert report.events == sum(len(envs) for envs in logs.values())
+
+
+def test_an_open_migration_is_not_a_violation():
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1
+
+
+# --------------------------------------------------------------------------- 1 capacity
+
+def test_1_over_capacity_claim_is_caught():
+    h = History(limit=Resources(4, 4096, 100))
+    h.boot("a", U, TINY)
+    h.resize(M, U, "a", "b", TINY, ev.Flavor(name="huge", vcpus=2, memory_mb=8192,
+                                                root_gb=20))
+    bad = h.claim(M)
+    _, found = violations(h, "capacity")
+    assert len(found) == 1
+    assert (found[0].host, found[0].offset) == ("b", bad.offset)
+    assert "over its limit" in found[0].message
+
+
+def test_1_allocating_before_the_capacity_is_logged_is_caught():
+    h = History(hosts=())
+    env = h.boot("a", U, TINY)[0]
+    _, found = violations(h, "capacity")
+    assert [(v.host, v.offset) for v in found] == [("a", env.offset)]
+
+
+# --------------------------------------------------------------------------- 2 version chain
+
+def test_2_gap_in_the_version_chain_is_caught():
+    h = History()
+    h.inst("a", ev.SpawnStarted, U, name="vm", flavor=TINY, resources=TINY.resources())
+    h.next_version(U)           # version 2 is never written
+    gap = h.inst("a", ev.Spawned, U)
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
+    assert "gap" in found[0].message
+
+
+def test_2_fork_in_the_version_chain_is_caught():
+    # Given the source and the destination both wrote version 9 (split brain)
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)                       # source writes 8, 9
+    h.versions[U] = 7
+    fork = h.mig("b", ev.RevertStarted, M)  # destination writes 8 again
+    confirm_started = h.logs["a"][-2]
+    _, found = violations(h, "version-chain")
+    assert len(found) == 1 and "fork" in found[0].message
+    # a fork has two writers: the one merged second is reported, the first is named
+    writers = {("b", fork.offset), ("a", confirm_started.offset)}
+    reported = (found[0].host, found[0].offset)
+    assert reported in writers
+    (other,) = writers - {reported}
+    assert found[0].offsets == [other[1]]
+    assert f"first at {other[0]}:{other[1]}" in found[0].message
+
+
+# --------------------------------------------------------------------------- 3 state machine
+
+def test_3_finished_right_after_claimed_is_caught():
+    h = resized()
+    h.claim(M)
+    bad = h.mig("b", ev.Finished, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+    assert "pre-migrating -> finished" in found[0].message
+
+
+def test_3_event_of_a_migration_never_claimed_is_caught():
+    h = resized()
+    h.specs["ghost"] = h.specs[M]
+    bad = h.mig("a", ev.DiskMigrated, "ghost", shared_storage=False)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("a", bad.offset)]
+
+
+def test_3_revert_after_confirm_is_caught():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    bad = h.mig("b", ev.RevertStarted, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+
+
+def test_3_claimed_twice_is_caught():
+    h = resized()
+    h.claim(M)
+    again = h.claim(M)
+    _, found = violations(h, "state-machine")
+    assert (found[0].host, found[0].offset) == ("b", again.offset)
+
+
+# --------------------------------------------------------------------------- 4 no leak
+
+def test_4_ended_migration_that_left_a_claim_is_caught():
+    # Given a disk shrink refused on the source, and the destination's release written
+    # by the wrong host: the migration ends, but b still holds its claim
+    h = resized(old=SMALL, new=TINY)
+    h.claim(M)
+    h.fail(M, "resize_instance")
+    last = h.release(M, "dest", host="a")
+    report, found = violations(h, "no-leak")
+    assert len(found) == 1
+    assert (found[0].host, found[0].offset) == ("a", last.offset)
+    assert "still holds m:m:new" in found[0].message
+    assert "b" in found[0].message
+
+
+def test_4_instance_held_by_no_host_is_caught():
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.release(M, "source")            # the source let go of the instance itself
+    last = h.release(M, "dest")
+    _, found = violations(h, "no-leak")
+    assert any(v.offset == last.offset and v.host == "b" and "held by none" in v.message
+               for v in found)
+
+
+# --------------------------------------------------------------------------- 5 resize dirs
+
+def test_5_resize_dir_left_after_a_failure_not_rolled_back():
+    # Given the disks moved, then migrate is recorded as failed and not rolled back
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M, shared=False)
+    h.fail(M, "migrate", rolled_back=False)
+    last = h.release(M, "dest")
+    report, found = violations(h, "resize-dirs")
+    assert {(v.host, v.offset) for v in found} == {("b", last.offset)}
+    messages = " ".join(v.message for v in found)
+    assert "u_resize on a" in messages
+    assert "disk copy on b" in messages
+    assert {v.invariant for v in report.violations} == {"resize-dirs"}
+
+
+def test_5_confirmed_leaves_no_dirs():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    assert violations(h, "resize-dirs")[1] == []
+
+
+# --------------------------------------------------------------------------- 6 ledger
+
+def _forget_dest_reverted(monkeypatch):
+    real = fold_module._ledger_changes
+
+    def forgetful(allocs, e):
+        if type(e) is ev.DestReverted:
+            return                  # the broken rule: the destination keeps the instance
+        real(allocs, e)
+
+    monkeypatch.setattr(fold_module, "_ledger_changes", forgetful)
+
+
+def test_6_ledger_that_disagrees_with_instances_is_caught(monkeypatch):
+    _forget_dest_reverted(monkeypatch)
+    h = resized()
+    h.full_resize(M)
+    h.revert_dest(M)
+    h.finish_revert(M)
+    report = check(h.logs)
+    found = {v.invariant: v for v in report.violations}
+    assert set(found) == {"no-leak", "ledger-matches"}
+    assert (found["ledger-matches"].host, found["ledger-matches"].offset) == (
+        "b", len(h.logs["b"]) - 1)
+    assert "i:u" in found["ledger-matches"].message
+    assert "held by ['a', 'b']" in found["no-leak"].message or \
+        "held by ['b', 'a']" in found["no-leak"].message
+
+
+def test_6_the_same_history_passes_with_the_real_rule():
+    h = resized()
+    h.full_resize(M)
+    h.revert_dest(M)
+    h.finish_revert(M)
+    assert check(h.logs).ok
+
+
+# --------------------------------------------------------------------------- state dirs
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    s.run_simulation(tmp, seed=3, hosts=3, instances=4, operations=12)
+    return tmp / "state"
+
+
+def test_audit_of_a_simulated_state_dir(state_dir):
+    logs = s.read_host_logs(state_dir)
+    report = audit(state_dir)
+    assert report.ok, report.violations
+    assert report.events == sum(len(v) for v in logs.values())
+    assert report.hosts == len(logs) == 3
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 12, 10_000])
+def test_audit_as_of_an_offset(state_dir, cut):
+    logs = s.read_host_logs(state_dir)
+    report = audit(state_dir, as_of=str(cut))
+    # every log stops at the same offset: not a consistent cut across hosts, so only
+    # the count is checked here (version gaps across hosts are expected)
+    assert report.events == sum(min(cut, len(v)) for v in logs.values())
+    assert report.hosts == 3
+
+
+def test_audit_as_of_an_iso_time(state_dir):
+    logs = s.read_host_logs(state_dir)
+    times = sorted(env.wall_time for envs in logs.values() for env in envs)
+    moment = times[len(times) // 2]
+    iso = datetime.fromtimestamp(moment, tz=timezone.utc).isoformat()
+    report = audit(state_dir, as_of=iso)
+    expected = sum(1 for envs in logs.values() for env in envs if env.wall_time <= moment)
+    # an ISO time has microseconds: records within the same microsecond count as before
+    assert abs(report.events - expected) <= 1
+    assert 0 < report.events < len(times)
+    # one clock for all hosts: a time cut is consistent, so the chains and the state
+    # machine hold (migrations may be open, which is not a violation)
+    assert not [v for v in report.violations if v.invariant in
+                ("capacity", "version-chain", "state-machine")]
+
+
+def test_audit_as_of_garbage_is_refused(state_dir):
+    with pytest.raises(ValueError, match="--as-of"):
+        audit(state_dir, as_of="yesterday-ish")
+
+
+def test_audit_of_a_missing_directory_raises_log_error(tmp_path):
+    missing = tmp_path / "nope"
+    try:
+        with pytest.raises(LogError):
+            audit(missing)
+    finally:
+        assert not missing.exists()
+
+
+def test_audit_of_an_empty_directory_raises_log_error(tmp_path):
+    with pytest.raises(LogError):
+        audit(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_audit_of_a_missing_directory_creates_nothing(tmp_path):
+    missing = tmp_path / "nope"
+    try:
+        audit(missing)
+    except LogError:
+        pass
+    assert not missing.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_audit_writes_nothing(state_dir):
+    before = {p: p.stat().st_mtime_ns for p in state_dir.rglob("*")}
+    audit(state_dir)
+    assert {p: p.stat().st_mtime_ns for p in state_dir.rglob("*")} == before
+
+
+def test_audit_reports_a_torn_tail_and_uses_the_records_before_it(state_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(state_dir, copy)
+    seg = sorted((copy / "hosts" / "sim-1" / "log").glob("*.seg"))[-1]
+    with open(seg, "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00")      # half a header: an interrupted write
+    size = seg.stat().st_size
+    report = audit(copy)
+    assert report.ok
+    assert [t.host for t in report.torn_tails] == ["sim-1"]
+    assert report.events == audit(state_dir).events
+    assert seg.stat().st_size == size           # read-only: not truncated
+
+
+def test_check_orders_instance_events_across_hosts():
+    # The destination's log is complete before the source's: merge must still replay
+    # each instance in version order.
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    logs = {"b": h.logs["b"], "a": h.logs["a"]}
+    assert check(logs).ok
+
+
+def test_violation_offsets_are_ints():
+    h = resized()
+    h.claim(M)
+    h.mig("b", ev.Finished, M)
+    for v in check(h.logs).violations:
+        assert isinstance(v.offset, int) and isinstance(v.host, str)
