@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -80,6 +81,26 @@ class MigrationHandle:
         return self.cluster._unwrap(ray.get(ref, timeout=timeout_s))
 
 
+def _kill_and_wait(handle, timeout_s: float) -> float:
+    """Kill an actor's process through its `crash` method and wait until a new process
+    answers `ready`; returns the seconds that took."""
+    before = ray.get(handle.ready.remote())["pid"]
+    start = time.monotonic()
+    try:
+        ray.get(handle.crash.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        pass
+    deadline = start + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = ray.get(handle.ready.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            continue
+        if info["pid"] != before:
+            return time.monotonic() - start
+    raise TimeoutError(f"actor did not come back within {timeout_s} s")
+
+
 class Cluster:
     def __init__(self, cfg: ClusterConfig, namespace: str, controller, owns_ray: bool,
                  owns_actors: bool):
@@ -132,6 +153,8 @@ class Cluster:
         return outcome.value
 
     def _call(self, method: str, *args, **kw):
+        # A request id chosen here makes Ray's retries (at-least-once) harmless.
+        kw.setdefault("request_id", str(uuid.uuid4()))
         return self._unwrap(ray.get(self.controller.call.remote(method, *args, **kw)))
 
     def _query(self, what: str, *args):
@@ -178,21 +201,12 @@ class Cluster:
         """Kill the host actor's process; Ray restarts it from its log. Returns the
         seconds until it answered again (log replayed, recovery started)."""
         handle = ray.get_actor(HOST_PREFIX + name, namespace=self.namespace)
-        before = ray.get(handle.ready.remote())["pid"]
-        start = time.monotonic()
-        try:
-            ray.get(handle.crash.remote(), timeout=timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            pass
-        deadline = start + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                info = ray.get(handle.ready.remote(), timeout=timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                continue
-            if info["pid"] != before:
-                return time.monotonic() - start
-        raise TimeoutError(f"host {name} did not come back within {timeout_s} s")
+        return _kill_and_wait(handle, timeout_s)
+
+    def crash_controller(self, timeout_s: float = 60) -> float:
+        """Kill the controller actor's process; Ray restarts it, it replays its log, asks
+        the hosts and resumes what was in flight. Returns seconds until it answered."""
+        return _kill_and_wait(self.controller, timeout_s)
 
     def audit(self, as_of: str | None = None) -> AuditReport:
         return audit(self.cfg.state_dir, as_of)

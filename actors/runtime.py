@@ -199,8 +199,14 @@ class ControllerActor:
         await ctl.start()
         self.ctl = ctl
 
-    async def ready(self) -> int:
-        return len((await self._controller()).instances())
+    async def ready(self) -> dict:
+        ctl = await self._controller()
+        return {"instances": len(ctl.instances()), "pid": os.getpid()}
+
+    @ray.method(max_task_retries=0)
+    def crash(self) -> None:
+        """Kill the controller's process; Ray restarts it and it resumes from its log."""
+        os._exit(1)
 
     async def call(self, method: str, *args, **kw) -> Outcome:
         ctl = await self._controller()

@@ -40,6 +40,7 @@ class Fault(msgspec.Struct, frozen=True):
     step: str          # a name from STEPS
     action: str        # fail | hang | crash
     call: int = 1      # the n-th call of that step on this driver (1-based)
+    when: str = ""     # crash: "before" or "after" the step's effect; "" = either
 
 
 class FaultPlan(msgspec.Struct):
@@ -141,7 +142,7 @@ class FakeDriver:
         for fault in self.faults.exact:
             if fault.step == step and fault.call == n:
                 self._save()     # a restarted host must not fire it again
-                return fault.action
+                return fault.action + (":" + fault.when if fault.when else "")
         plan = self.faults
         if not (plan.fail_p or plan.hang_p or plan.crash_p):
             return None
@@ -160,13 +161,15 @@ class FakeDriver:
             await self._sleep(self.latency.base_s + self._rng.random() * self.latency.jitter_s)
         if action is None:
             return False
-        self.injected[action] = self.injected.get(action, 0) + 1
+        kind = action.partition(":")[0]
+        self.injected[kind] = self.injected.get(kind, 0) + 1
         if action == FAIL:
             raise DriverError(f"{self.name}: injected failure in {step}")
         if action == HANG:
             await self._sleep(10 ** 9)
             return False
-        if self._rng.random() < 0.5:
+        when = action.partition(":")[2] or ("before" if self._rng.random() < 0.5 else "after")
+        if when == "before":
             self._on_crash()
             return False
         return True
