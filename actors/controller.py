@@ -119,6 +119,11 @@ class Controller:
         self.disks: dict[str, tuple] = {}          # migration id -> DiskMigrated.disks
         self.requests: dict[str, _Request] = {}
         self.by_migration: dict[str, _Request] = {}
+        self.open_resizes: dict[str, _Request] = {}     # instance uuid -> open resize
+        self.open_finishes: dict[str, _Request] = {}    # migration id -> open confirm/revert
+        self.names: dict[str, str] = {}                 # instance name -> uuid
+        self.booting: set[str] = set()                  # names of boots not yet ended
+        self._free_cache: dict[str, tuple] = {}
         self.tasks: dict[str, asyncio.Future] = {}
         self.down_until: dict[str, float] = {}     # host -> when to try it again
         self.round_trips = 0
@@ -130,6 +135,7 @@ class Controller:
         e = env.event
         t = type(e)
         if t is ev.BootRequested:
+            self.booting.add(e.name)
             self.requests[e.request_id] = _Request(
                 e.request_id, "boot", e.instance_uuid, name=e.name, flavor=e.flavor,
                 host=e.host, stopped=e.stopped, created_at=env.wall_time)
@@ -139,15 +145,23 @@ class Controller:
                          created_at=e.created_at or env.wall_time)
             self.requests[e.request_id] = r
             self.by_migration[e.migration_id] = r
+            self.open_resizes[e.instance_uuid] = r
         elif t in (ev.ConfirmRequested, ev.RevertRequested):
             kind = "confirm" if t is ev.ConfirmRequested else "revert"
-            self.requests[e.request_id] = _Request(e.request_id, kind,
-                                                   migration_id=e.migration_id)
+            r = self.requests[e.request_id] = _Request(e.request_id, kind,
+                                                       migration_id=e.migration_id)
+            self.open_finishes[e.migration_id] = r
         elif t is ev.DestinationChosen:
             self.requests[e.request_id].attempts.append(e.dest)
         elif t is ev.RequestEnded:
             r = self.requests[e.request_id]
             r.ended, r.ok, r.outcome = True, e.ok, e.outcome
+            if self.open_resizes.get(r.instance_uuid) is r:
+                del self.open_resizes[r.instance_uuid]
+            if self.open_finishes.get(r.migration_id) is r:
+                del self.open_finishes[r.migration_id]
+            if r.kind == "boot":
+                self.booting.discard(r.name)
 
     async def _log(self, event) -> None:
         envs = []
@@ -169,6 +183,8 @@ class Controller:
                 continue
             seen.add(env.offset)
             apply(self.view, env)
+            if type(env.event) is ev.SpawnStarted:
+                self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
                 self.disks[env.event.migration_id] = env.event.disks
 
@@ -244,10 +260,10 @@ class Controller:
     # ------------------------------------------------------------------ queries
 
     def instance_by_name(self, name: str) -> Instance:
-        for inst in self.view.instances.values():
-            if inst.name == name and not inst.deleted:
-                return inst
-        raise OperationError(f"no instance named {name!r}")
+        inst = self.view.instances.get(self.names.get(name, ""))
+        if inst is None or inst.deleted:
+            raise OperationError(f"no instance named {name!r}")
+        return inst
 
     def migration(self, mid: str) -> Migration:
         mig = self.view.migrations.get(mid)
@@ -292,9 +308,9 @@ class Controller:
         return out
 
     def open_migration_of(self, uuid: str) -> Migration | None:
-        for r in self.by_migration.values():
-            if r.instance_uuid == uuid and not r.ended:
-                return self.migration(r.migration_id)
+        r = self.open_resizes.get(uuid)
+        if r is not None:
+            return self.migration(r.migration_id)
         inst = self.view.instances.get(uuid)
         if inst and inst.migration_id:
             mig = self.view.migrations.get(inst.migration_id)
@@ -305,24 +321,31 @@ class Controller:
     # ------------------------------------------------------------------ scheduling
 
     def _free(self, host: str) -> Resources:
-        entry = self.hosts[host]
-        return entry.limit - self.view.ledgers.get(host, Ledger(host=host)).used
+        ledger = self.view.ledgers.get(host)
+        cached = self._free_cache.get(host)
+        if cached is not None and cached[0] is ledger:    # ledgers are immutable
+            return cached[1]
+        free = self.hosts[host].limit - (ledger.used if ledger else ev.ZERO)
+        self._free_cache[host] = (ledger, free)
+        return free
 
     def candidates(self, need: Resources, source: str, exclude: set[str],
                    forced: str = "") -> list[str]:
         """Filters: host up, fits with ratios, same-host policy. Weigher: spread (the
         host with the most free memory first)."""
-        names = [forced] if forced else sorted(self.hosts)
+        now = self.clock()
+        same_host = self.opt.allow_resize_to_same_host
         out = []
-        for name in names:
-            if name in exclude or not self.is_up(name):
+        for name in ([forced] if forced else self.hosts):
+            if name in exclude or now < self.down_until.get(name, 0.0):
                 continue
-            if name == source and not self.opt.allow_resize_to_same_host:
+            if name == source and not same_host:
                 continue
-            if not need.fits_in(self._free(name)):
-                continue
-            out.append(name)
-        return sorted(out, key=lambda h: (-self._free(h).memory_mb, -self._free(h).vcpus, h))
+            free = self._free(name)
+            if need.fits_in(free):
+                out.append((-free.memory_mb, -free.vcpus, name))
+        out.sort()
+        return [name for _, _, name in out]
 
     # ------------------------------------------------------------------ intents
 
@@ -344,9 +367,7 @@ class Controller:
         if request_id not in self.requests:
             self._flavor(flavor)
             self._check_host(host)
-            if any(i.name == name for i in self.instances()) or any(
-                    r.kind == "boot" and r.name == name and not r.ended
-                    for r in self.requests.values()):
+            if name in self.names or name in self.booting:
                 raise OperationError(f"an instance named {name!r} already exists")
             await self._log(ev.BootRequested(request_id=request_id,
                                              instance_uuid=self.new_id(), name=name,
@@ -407,10 +428,9 @@ class Controller:
         if request_id not in self.requests:
             inst = self.instance_by_name(name)
             mig = self.view.migrations.get(inst.migration_id)
-            busy = [r for r in self.requests.values() if mig is not None and not r.ended
-                    and r.migration_id == mig.id and r.kind in ("confirm", "revert")]
-            if busy:
-                raise OperationError(f"cannot {kind} {name!r}: a {busy[0].kind} of "
+            busy = self.open_finishes.get(mig.id) if mig is not None else None
+            if busy is not None:
+                raise OperationError(f"cannot {kind} {name!r}: a {busy.kind} of "
                                      f"migration {mig.id} is under way")
             if mig is None or mig.status != FINISHED:
                 state = f"{inst.vm_state}" + (f", migration {mig.status}" if mig else "")
@@ -660,8 +680,7 @@ class Controller:
         current = self.view.migrations.get(mig.id)
         if current is None or current.status != FINISHED:
             return
-        if any(r.migration_id == mig.id and r.kind in ("confirm", "revert")
-               for r in self.requests.values()):
+        if mig.id in self.open_finishes:
             return
         try:
             await self.confirm(self._name(current), request_id=f"{mig.id}:auto-confirm")

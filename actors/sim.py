@@ -134,6 +134,7 @@ class Simulator:
         self.crashes = 0
         self.history: list[str] = []
         self.timeline: list[tuple[float, int, float]] = []
+        self.unexpected: list[str] = []
         self.sample_every = max(1, cfg.operations // 100)
 
     # ------------------------------------------------------------------ randomness
@@ -359,7 +360,7 @@ class Simulator:
 
     async def _boot_all(self) -> list[str]:
         names = [f"vm-{i}" for i in range(1, self.cfg.instances + 1)]
-        flavors = self._small_flavors()
+        flavors = self._boot_flavors()
         sem = asyncio.Semaphore(self.cfg.concurrency)
         plan = [(n, self.rng.choice(flavors), self.rng.random() < 0.1) for n in names]
 
@@ -372,6 +373,14 @@ class Simulator:
 
         await asyncio.gather(*(boot(*p) for p in plan))
         return names
+
+    def _boot_flavors(self) -> list[str]:
+        """Flavors to boot with: the cluster starts at most about 40% full."""
+        first, limit = self._policy()
+        budget_mb = 0.4 * limit.memory_mb * self.cfg.hosts / self.cfg.instances
+        small = self._small_flavors()
+        fit = [f for f in small if self.cluster.flavor(f).memory_mb <= budget_mb]
+        return fit or small[:1]
 
     def _small_flavors(self) -> list[str]:
         """Flavors small enough that the cluster stays about half full (so most resizes
@@ -387,12 +396,11 @@ class Simulator:
     async def _client(self, names: list[str], busy: set[str], budget: list[int]) -> None:
         flavors = self._small_flavors()
         while budget[0] > 0:
-            free = [n for n in names if n not in busy]
-            if not free:
-                await asyncio.sleep(0.1)
+            name = self.rng.choice(names)
+            if name in busy:
+                await asyncio.sleep(0.01)
                 continue
             budget[0] -= 1
-            name = self.rng.choice(free)
             busy.add(name)
             try:
                 await self._operate(name, flavors)
@@ -409,11 +417,12 @@ class Simulator:
         except OperationError:
             return
         mig = ctl.view.migrations.get(inst.migration_id)
+        full = self._memory_used(ctl) > 0.6     # keep the cluster from filling up
         try:
             if mig is not None and mig.status == FINISHED:
-                op = "confirm" if self.rng.random() < 0.6 else "revert"
+                op = "confirm" if self.rng.random() < (0.2 if full else 0.6) else "revert"
                 await self.ask(op, name)
-            elif self.rng.random() < 0.2:
+            elif full or self.rng.random() < 0.2:
                 await self.ask("resize", name, None)
                 self.finished += 1
             else:
@@ -422,6 +431,12 @@ class Simulator:
         except OperationError as exc:
             self.failed += 1
             self.history.append(f"{name}: {exc}")
+
+    def _memory_used(self, ctl: Controller) -> float:
+        """Fraction of the cluster's memory limit the ledgers hold (kept incrementally
+        by the checker's projection)."""
+        limit = self._policy()[1].memory_mb * len(self.hosts) or 1
+        return sum(l.used.memory_mb for l in self.checker.p.ledgers.values()) / limit
 
     def _pick_flavor(self, current: str, flavors: list[str]) -> str:
         """Mostly up (a shrink is refused, which is worth testing, but not every time)."""
@@ -481,6 +496,14 @@ class Simulator:
             if mig.status == FINISHED:
                 await self.ask("confirm", ctl.view.instances[mig.instance_uuid].name)
 
+    def _unhandled(self, loop, context) -> None:
+        """A task died with an exception nobody awaited: expected for the tasks of a
+        crashed host (HostCrashed) or a lost message; anything else is a bug."""
+        exc = context.get("exception")
+        if isinstance(exc, (HostCrashed, HostUnavailable, asyncio.CancelledError)):
+            return
+        self.unexpected.append(f"unexpected: {context.get('message')}: {exc!r}")
+
     def driver_mismatches(self) -> list[str]:
         """What the fake hypervisors hold that the logs do not say, or the reverse:
         a domain, a disk directory, a `_resize` directory or a probe file."""
@@ -536,6 +559,7 @@ class Simulator:
             shutil.rmtree(self.state_dir)
         started = time.perf_counter()
         loop = VirtualLoop()
+        loop.set_exception_handler(self._unhandled)
         try:
             loop.run_until_complete(self._main())
             virtual_s = loop.time()
@@ -546,6 +570,7 @@ class Simulator:
         self.controller_log.close()
         problems = [f"{v.invariant} at {v.host}:{v.offset}: {v.message}"
                     for v in self.checker.violations]
+        problems += self.unexpected
         problems += self.liveness()
         problems += self.driver_mismatches()
         report = audit(self.state_dir)
