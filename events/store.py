@@ -60,7 +60,9 @@ class HostLogReader:
     def __init__(self, state_dir: str | Path, host: str):
         self.host = host
         self.log_dir = host_dir(state_dir, host) / "log"
-        self.log = SegmentLog(self.log_dir, readonly=True)
+        # Older segments are checked as they are read: a bad record still raises
+        # CorruptLog, without reading every segment twice.
+        self.log = SegmentLog(self.log_dir, readonly=True, verify=False)
 
     @property
     def torn_tail(self) -> TornTail | None:

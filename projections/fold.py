@@ -10,7 +10,7 @@ log is, and `merge_logs` orders several hosts' logs that way.
 """
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from typing import Iterable, Iterator
 
 import msgspec
@@ -195,41 +195,57 @@ _SOURCE_SETTLES = frozenset({ev.SourceRestored, ev.Confirmed, ev.Reverted})
 
 # --------------------------------------------------------------------------- ledgers
 
-def _move(allocs: dict, src: str, dst: str) -> None:
+_NONE = ev.ZERO
+
+
+def _move(allocs: dict, src: str, dst: str) -> ev.Resources:
     if src in allocs and dst not in allocs:
         allocs[dst] = allocs.pop(src)
+    return _NONE
 
 
-def _ledger_changes(allocs: dict, e) -> None:
-    """Apply one event's allocation changes to a (private) dict of allocations."""
+def _put(allocs: dict, key: str, res: ev.Resources) -> ev.Resources:
+    old = allocs.get(key)
+    allocs[key] = res
+    return res if old is None else res - old
+
+
+def _pop(allocs: dict, key: str) -> ev.Resources:
+    old = allocs.pop(key, None)
+    return _NONE if old is None else _NONE - old
+
+
+def _ledger_changes(allocs: dict, e) -> ev.Resources:
+    """Apply one event's allocation changes to a (private) dict of allocations; return
+    by how much the sum of the allocations changed."""
     t = type(e)
     uuid = getattr(e, "instance_uuid", "")
     mid = getattr(e, "migration_id", "")
     if t is ev.SpawnStarted:
-        allocs[instance_key(uuid)] = e.resources
-    elif t in (ev.SpawnFailed, ev.Deleted):
-        allocs.pop(instance_key(uuid), None)
-    elif t is ev.Claimed:
-        allocs[claim_key(mid)] = e.spec.new_resources
-    elif t is ev.MigrationStarted:
-        _move(allocs, instance_key(uuid), source_key(mid))
-    elif t is ev.Finished:
-        _move(allocs, claim_key(mid), instance_key(uuid))
-    elif t is ev.Confirmed:
-        allocs.pop(source_key(mid), None)
-    elif t is ev.DestReverted:
-        allocs.pop(instance_key(uuid), None)
-    elif t in (ev.Reverted, ev.SourceRestored):
-        _move(allocs, source_key(mid), instance_key(uuid))
-    elif t is ev.ClaimReleased:
-        allocs.pop(claim_key(mid) if e.role == "dest" else source_key(mid), None)
-    elif t is ev.Failed:
+        return _put(allocs, instance_key(uuid), e.resources)
+    if t is ev.SpawnFailed or t is ev.Deleted:
+        return _pop(allocs, instance_key(uuid))
+    if t is ev.Claimed:
+        return _put(allocs, claim_key(mid), e.spec.new_resources)
+    if t is ev.MigrationStarted:
+        return _move(allocs, instance_key(uuid), source_key(mid))
+    if t is ev.Finished:
+        return _move(allocs, claim_key(mid), instance_key(uuid))
+    if t is ev.Confirmed:
+        return _pop(allocs, source_key(mid))
+    if t is ev.DestReverted:
+        return _pop(allocs, instance_key(uuid))
+    if t is ev.Reverted or t is ev.SourceRestored:
+        return _move(allocs, source_key(mid), instance_key(uuid))
+    if t is ev.ClaimReleased:
+        return _pop(allocs, claim_key(mid) if e.role == "dest" else source_key(mid))
+    if t is ev.Failed:
         if e.step in ev.DEST_STEPS:
-            allocs.pop(claim_key(mid), None)
-        elif e.step == "confirm":
-            allocs.pop(source_key(mid), None)
-        else:
-            _move(allocs, source_key(mid), instance_key(uuid))
+            return _pop(allocs, claim_key(mid))
+        if e.step == "confirm":
+            return _pop(allocs, source_key(mid))
+        return _move(allocs, source_key(mid), instance_key(uuid))
+    return _NONE
 
 
 _LEDGER_EVENTS = frozenset({
@@ -238,16 +254,8 @@ _LEDGER_EVENTS = frozenset({
     ev.ClaimReleased, ev.Failed})
 
 
-def _sum(allocs: dict) -> ev.Resources:
-    v = m = d = 0
-    for r in allocs.values():
-        v += r.vcpus
-        m += r.memory_mb
-        d += r.disk_gb
-    return ev.Resources(v, m, d)
-
-
 def evolve_ledger(ledger: Ledger, env: Envelope) -> Ledger:
+    """Pure: a new ledger; the one given is left as it was."""
     e = env.event
     t = type(e)
     if t is ev.HostConfigured:
@@ -255,8 +263,22 @@ def evolve_ledger(ledger: Ledger, env: Envelope) -> Ledger:
     if t not in _LEDGER_EVENTS:
         return ledger
     allocs = dict(ledger.allocations)
-    _ledger_changes(allocs, e)
-    return replace(ledger, allocations=allocs, used=_sum(allocs))
+    delta = _ledger_changes(allocs, e)
+    return replace(ledger, allocations=allocs, used=ledger.used + delta)
+
+
+def _evolve_ledger_in_place(ledger: Ledger, env: Envelope) -> Ledger:
+    """Like evolve_ledger, but changes `ledger.allocations` in place: for a projection
+    that owns its ledgers (see Projection.copy), where copying a host's allocations on
+    every event would make a fold quadratic."""
+    e = env.event
+    t = type(e)
+    if t is ev.HostConfigured:
+        return replace(ledger, capacity=e.capacity, limit=e.limit, driver=e.driver)
+    delta = _ledger_changes(ledger.allocations, e)
+    if delta is _NONE:
+        return ledger
+    return replace(ledger, used=ledger.used + delta)
 
 
 # --------------------------------------------------------------------------- projection
@@ -270,7 +292,10 @@ class Projection(msgspec.Struct):
     events: int = 0
 
     def copy(self) -> "Projection":
-        return Projection(dict(self.instances), dict(self.migrations), dict(self.ledgers),
+        """An independent copy: `apply` on it never shows through to this one."""
+        ledgers = {h: replace(l, allocations=dict(l.allocations))
+                   for h, l in self.ledgers.items()}
+        return Projection(dict(self.instances), dict(self.migrations), ledgers,
                           dict(self.offsets), self.events)
 
 
@@ -282,11 +307,9 @@ def apply(p: Projection, env: Envelope) -> None:
     host = env.host
     ledger = p.ledgers.get(host)
     if ledger is None:
-        ledger = Ledger(host=host)
+        ledger = p.ledgers[host] = Ledger(host=host, allocations={})
     if t is ev.HostConfigured or t in _LEDGER_EVENTS:
-        p.ledgers[host] = evolve_ledger(ledger, env)
-    elif host not in p.ledgers:
-        p.ledgers[host] = ledger
+        p.ledgers[host] = _evolve_ledger_in_place(ledger, env)
     if isinstance(e, ev.InstanceEvent):
         uuid = e.instance_uuid
         mid = getattr(e, "migration_id", "")
@@ -317,7 +340,8 @@ def _version_key(env: Envelope):
     return getattr(e, "instance_version", 0)
 
 
-def merge_logs(logs: dict[str, Iterable[Envelope]]) -> Iterator[Envelope]:
+def merge_logs(logs: dict[str, Iterable[Envelope]],
+               start_versions: dict[str, int] | None = None) -> Iterator[Envelope]:
     """Interleave several hosts' logs so that every instance's events come in version
     order and every host's in offset order.
 
@@ -328,33 +352,44 @@ def merge_logs(logs: dict[str, Iterable[Envelope]]) -> Iterator[Envelope]:
     auditor still sees every record and reports the chain break.
     """
     iters = {h: iter(log) for h, log in logs.items()}
+    expected: dict[str, int] = dict(start_versions or {})
     heads: dict[str, Envelope] = {}
-    for h, it in iters.items():
-        env = next(it, None)
-        if env is not None:
-            heads[h] = env
-    expected: dict[str, int] = {}
+    ready: deque[str] = deque()
+    blocked: dict[tuple[str, int], list[str]] = {}    # (uuid, version) -> hosts waiting
 
-    def ready(env: Envelope) -> bool:
+    def place(host: str, env: Envelope) -> None:
+        heads[host] = env
         e = env.event
-        return (not isinstance(e, ev.InstanceEvent)
-                or e.instance_version <= expected.get(e.instance_uuid, 0) + 1)
-
-    current = min(heads) if heads else None
-    while heads:
-        if current not in heads or not ready(heads[current]):
-            current = next((h for h in sorted(heads) if ready(heads[h])), None)
-            if current is None:   # a gap or fork: let the smallest version through
-                current = min(heads, key=lambda h: (_version_key(heads[h]), h))
-        env = heads[current]
-        e = env.event
-        if isinstance(e, ev.InstanceEvent):
-            uuid = e.instance_uuid
-            if e.instance_version > expected.get(uuid, 0):
-                expected[uuid] = e.instance_version
-        yield env
-        nxt = next(iters[current], None)
-        if nxt is None:
-            del heads[current]
+        if not isinstance(e, ev.InstanceEvent):
+            ready.append(host)
+            return
+        want = expected.get(e.instance_uuid, 0) + 1
+        if e.instance_version <= want:
+            ready.append(host)
         else:
-            heads[current] = nxt
+            blocked.setdefault((e.instance_uuid, e.instance_version), []).append(host)
+
+    for h in sorted(iters):
+        env = next(iters[h], None)
+        if env is not None:
+            place(h, env)
+    while heads:
+        if ready:
+            host = ready.popleft()
+        else:      # a gap or a fork: let the smallest waiting version through
+            key = min(blocked, key=lambda k: (k[1], k[0]))
+            host = blocked[key].pop(0)
+            if not blocked[key]:
+                del blocked[key]
+        env = heads.pop(host)
+        e = env.event
+        yield env
+        if isinstance(e, ev.InstanceEvent) and e.instance_version > expected.get(
+                e.instance_uuid, 0):
+            expected[e.instance_uuid] = e.instance_version
+            waiting = blocked.pop((e.instance_uuid, e.instance_version + 1), None)
+            if waiting:
+                ready.extend(waiting)
+        nxt = next(iters[host], None)
+        if nxt is not None:
+            place(host, nxt)
