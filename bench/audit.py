@@ -71,8 +71,10 @@ def _resize(w: Writer, uuid: str, v: int, n: int, src: str, dst: str, old, new,
     return v + 9
 
 
-def write_history(state: Path, target: int, hosts: int = 16, instances: int = 2000) -> int:
-    names = [f"h{i}" for i in range(hosts)]
+def write_history(state: Path, target: int, hosts: int = 16, instances: int = 2000,
+                  names: list[str] | None = None) -> int:
+    names = names or [f"h{i}" for i in range(hosts)]
+    hosts = len(names)
     w = Writer(state, names)
     for h in names:
         w.put(h, ev.HostConfigured(driver="FakeDriver", capacity=CAPACITY, limit=CAPACITY))
