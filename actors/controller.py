@@ -24,6 +24,7 @@ from vmresize.actors.commands import Reply
 from vmresize.actors.host import probe_name
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_controller, encode
+from vmresize.events.log import load_snapshot, save_snapshot
 from vmresize.events.schema import ControllerEnvelope, Flavor, MigrationSpec, Resources
 from vmresize.projections.fold import Projection, apply, merge_logs
 from vmresize.projections.state import (CONFIRMED, ERROR, FINISHED, MIGRATING,
@@ -47,6 +48,17 @@ class Transport(Protocol):
     async def call(self, host: str, cmd: c.Command, timeout_s: float) -> Reply: ...
 
     async def events_since(self, host: str, offset: int, timeout_s: float) -> list: ...
+
+
+class ControllerSnapshot(msgspec.Struct):
+    view: Projection
+    low: dict[str, int]
+    applied: dict[str, list[int]]
+    disks: dict[str, list[ev.DiskInfo]]
+    names: dict[str, str]
+
+
+_SNAPSHOT_DECODER = msgspec.msgpack.Decoder(ControllerSnapshot)
 
 
 class HostInfo(msgspec.Struct, frozen=True):
@@ -103,7 +115,8 @@ class Controller:
                  flavors: dict[str, Flavor], options: Options,
                  clock: Callable[[], float], sleep: Callable[[float], Awaitable],
                  new_id: Callable[[], str], spawn_task: Callable | None = None,
-                 image: str = ""):
+                 image: str = "", snapshot_dir: str | None = None,
+                 snapshot_every: int = 0):
         self.log = log
         self.transport = transport
         self.hosts = {h.name: h for h in hosts}
@@ -115,7 +128,11 @@ class Controller:
         self.image = image
         self._spawn_task = spawn_task or asyncio.ensure_future
         self.view = Projection()
-        self._applied: dict[str, set[int]] = {}
+        self._applied: dict[str, set[int]] = {}    # host offsets >= _low folded so far
+        self._low: dict[str, int] = {}              # host offsets below: all folded
+        self._learned = 0
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_every = snapshot_every
         self.disks: dict[str, tuple] = {}          # migration id -> DiskMigrated.disks
         self.requests: dict[str, _Request] = {}
         self.by_migration: dict[str, _Request] = {}
@@ -179,21 +196,26 @@ class Controller:
         """Fold host events into the view, each once, whatever order replies come in."""
         for env in envelopes:
             seen = self._applied.setdefault(env.host, set())
-            if env.offset in seen:
+            if env.offset in seen or env.offset < self._low.get(env.host, 0):
                 continue
             seen.add(env.offset)
             apply(self.view, env)
+            self._learned += 1
             if type(env.event) is ev.SpawnStarted:
                 self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
                 self.disks[env.event.migration_id] = env.event.disks
 
     async def start(self) -> None:
-        """Replay our log, pull every host's events, resume every open request."""
+        """Replay our log, load the newest snapshot of our view, pull every host's
+        events after it, resume every open request."""
         for offset, payload in self.log.read(0):
             self._record(decode_controller(payload))
-        pulled = {host: await self._pull(host) for host in sorted(self.hosts)}
-        self.learn(merge_logs(pulled))      # instance events in version order
+        self._load_snapshot()
+        pulled = {host: await self._pull(host, self._low.get(host, 0))
+                  for host in sorted(self.hosts)}
+        versions = {u: i.version for u, i in self.view.instances.items()}
+        self.learn(merge_logs(pulled, versions))     # instance events in version order
         for r in list(self.requests.values()):
             if not r.ended:
                 self._drive(r)
@@ -201,11 +223,12 @@ class Controller:
             if mig.status == FINISHED:
                 self._arm_auto_confirm(mig)
 
-    async def _pull(self, host: str) -> list:
+    async def _pull(self, host: str, offset: int = 0) -> list:
         delay = self.opt.retry_backoff_s
         while True:
             try:
-                envs = await self.transport.events_since(host, 0, self.opt.step_timeout_s)
+                envs = await self.transport.events_since(host, offset,
+                                                         self.opt.step_timeout_s)
                 self.down_until.pop(host, None)
                 return envs
             except HostUnavailable:
@@ -229,6 +252,7 @@ class Controller:
                 continue
             self.down_until.pop(host, None)
             self.learn(reply.events)
+            self.maybe_snapshot()
             return reply
 
     async def _send_cleanup(self, host: str, cmd, step: str) -> Reply:
@@ -245,6 +269,39 @@ class Controller:
                                 migration_id=cmd.migration_id, step=step,
                                 reason=reply.reason)
         return await self._send(host, abandon)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def maybe_snapshot(self) -> None:
+        if self.snapshot_every and self._learned >= self.snapshot_every:
+            self.save_snapshot()
+
+    def save_snapshot(self) -> None:
+        """Store the view with, per host, the offsets it covers: a restart then pulls
+        only what came after (the controller's own log is small and replayed whole)."""
+        if not self.snapshot_dir:
+            return
+        for host, seen in self._applied.items():       # compact: a prefix becomes _low
+            low = self._low.get(host, 0)
+            while low in seen:
+                seen.discard(low)
+                low += 1
+            self._low[host] = low
+        snap = ControllerSnapshot(self.view, dict(self._low),
+                                  {h: sorted(s) for h, s in self._applied.items()},
+                                  {m: list(d) for m, d in self.disks.items()}, dict(self.names))
+        save_snapshot(self.snapshot_dir, self.log.next_offset, msgspec.msgpack.encode(snap))
+        self._learned = 0
+
+    def _load_snapshot(self) -> None:
+        loaded = load_snapshot(self.snapshot_dir) if self.snapshot_dir else None
+        if loaded is None:
+            return
+        snap = _SNAPSHOT_DECODER.decode(loaded[1])
+        self.view, self._low = snap.view, dict(snap.low)
+        self._applied = {h: set(o) for h, o in snap.applied.items()}
+        self.disks = {m: tuple(d) for m, d in snap.disks.items()}
+        self.names = dict(snap.names)
 
     def _mark_down(self, host: str) -> None:
         self.down_until[host] = self.clock() + self.opt.retry_backoff_max_s * 2

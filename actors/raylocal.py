@@ -48,8 +48,13 @@ def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
     port = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--disable-usage-stats",
-           "--include-dashboard=false", f"--num-cpus={os.cpu_count() or 2}",
-           f"--ray-client-server-port={free_port()}"]
+           "--include-dashboard=false", f"--num-cpus={os.cpu_count() or 2}"]
+    # Every fixed port on a free one, so that this head never collides with another
+    # Ray on the machine (a test's local Ray, another cluster's head).
+    for option in ("ray-client-server-port", "dashboard-agent-grpc-port",
+                   "dashboard-agent-listen-port", "metrics-export-port",
+                   "node-manager-port", "object-manager-port", "runtime-env-agent-port"):
+        cmd.append(f"--{option}={free_port()}")
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")

@@ -195,7 +195,8 @@ class ControllerActor:
             options=Options(allow_resize_to_same_host=o.allow_resize_to_same_host,
                             resize_confirm_window_s=o.resize_confirm_window_s,
                             max_attempts=o.max_attempts, step_timeout_s=o.step_timeout_s),
-            clock=time.time, sleep=asyncio.sleep, new_id=lambda: str(uuid.uuid4()))
+            clock=time.time, sleep=asyncio.sleep, new_id=lambda: str(uuid.uuid4()),
+            snapshot_dir=str(base / "snapshots"), snapshot_every=10_000)
         await ctl.start()
         self.ctl = ctl
 

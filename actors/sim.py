@@ -318,7 +318,9 @@ class Simulator:
                             max_attempts=o.max_attempts, step_timeout_s=o.step_timeout_s,
                             cleanup_attempts=8),
             clock=self.clock, sleep=asyncio.sleep, new_id=self.new_id,
-            spawn_task=self._controller_task)
+            spawn_task=self._controller_task,
+            snapshot_dir=str(self.state_dir / "controller" / "snapshots"),
+            snapshot_every=max(2000, self.cfg.operations // 4))
         self.controller = ctl
         await ctl.start()
         self.controller_ready.set()

@@ -205,33 +205,7 @@ def test_simulator_catches_a_shell_that_skips_its_driver_call(tmp_path):
 
 def driver_mismatches(sim: Simulator) -> list[str]:
     """What the fake hypervisors hold that the logs do not say, or the reverse."""
-    view = sim.controller.view
-    live = {u: i for u, i in view.instances.items()
-            if not i.deleted and i.vm_state not in ("error", "building")}
-    errored = {u for u, i in view.instances.items() if i.vm_state == "error"}
-    problems = []
-    pools: dict[int, tuple] = {}
-    for name, host in sim.hosts.items():
-        driver = host.driver
-        want = {u for u, i in live.items() if i.host == name}
-        got = set(driver.domains) - errored
-        if got != want:
-            problems.append(f"{name} domains: extra {sorted(got - want)}, "
-                            f"missing {sorted(want - got)}")
-        pools.setdefault(id(driver.storage), (driver.storage, set()))[1].add(name)
-    for storage, names in pools.values():
-        want = {u for u, i in live.items() if i.host in names}
-        dirs = set(storage.dirs) - errored
-        left = sorted(d for d in dirs if d.endswith("_resize"))
-        got = {d for d in dirs if not d.endswith("_resize")}
-        if left:
-            problems.append(f"{sorted(names)}: _resize dirs left: {left}")
-        if got != want:
-            problems.append(f"{sorted(names)} disks: extra {sorted(got - want)}, "
-                            f"missing {sorted(want - got)}")
-        if storage.probes:
-            problems.append(f"{sorted(names)}: probes left: {storage.probes}")
-    return problems
+    return sim.driver_mismatches()
 
 
 def test_driver_state_check_passes_on_a_quiet_run(tmp_path):
