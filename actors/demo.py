@@ -94,7 +94,7 @@ def run_demo(args, out) -> int:
 
 
 def _scenario(cluster, cfg, steps: _Steps) -> None:
-    h1, h2 = cfg.hosts[0].name, cfg.hosts[1].name
+    h1 = cfg.hosts[0].name
     n = _names(cluster)
     small, medium = _flavor(cfg, 1), _flavor(cfg, 2)
     for key, stopped in (("web", False), ("api", False), ("db", False), ("batch", True)):

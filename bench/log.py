@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import shutil
@@ -263,24 +262,7 @@ def replay(directory: Path, events: list, count: int) -> dict:
     assert read == decoded == count
     return {"events": count, "log_mb": log_bytes / 1e6, "write_nosync_per_s": count / write_s,
             "open_verify_s": open_s, "open_verify_per_s": count / open_s,
-            "read_per_s": count / read_s, "read_decode_per_s": count / decode_s,
-            "fold_per_s": fold_rate(log)}
-
-
-def fold_rate(log: SegmentLog) -> float | None:
-    # ======================================================================= FOLD RATE
-    # Wire the projections' fold here: when `vmresize.projections` exposes a fold over
-    # host envelopes (looked up below as `fold_host(iterable of Envelope)`), this times
-    # read + decode + fold from disk and returns events/s. Until then: None ("n/a").
-    projections = importlib.import_module("vmresize.projections")
-    fold = getattr(projections, "fold_host", None)
-    if fold is None:
-        return None
-    start = time.perf_counter()
-    envelopes = (codec.decode_host(payload) for _, payload in log.read())
-    fold(envelopes)
-    return log.next_offset / (time.perf_counter() - start)
-    # ===================================================================================
+            "read_per_s": count / read_s, "read_decode_per_s": count / decode_s}
 
 
 # --------------------------------------------------------------------------- report
@@ -347,8 +329,7 @@ def replay_table(figures: dict) -> Table:
               f"{r['open_verify_per_s']:,.0f}")
     t.add_row("read (warm cache)", f"{r['read_per_s']:,.0f}")
     t.add_row("read + decode_host (cold cache)", f"{r['read_decode_per_s']:,.0f}")
-    t.add_row("read + decode + fold", "n/a" if r["fold_per_s"] is None
-              else f"{r['fold_per_s']:,.0f}")
+    t.caption = "fold and audit rates of a protocol history: bench/audit.py"
     return t
 
 
