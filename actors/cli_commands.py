@@ -97,7 +97,7 @@ def cmd_down(args, out: Out) -> int:
     except (ConnectionError, RuntimeError, ValueError):
         pass      # Ray is gone already; still clean up what `up` started
     if meta.get("started"):
-        raylocal.stop_head(meta.get("session"))
+        raylocal.stop_head(meta.get("session"), meta.get("port"))
     (Path(cfg.state_dir) / META_FILE).unlink(missing_ok=True)
     out.line(f"stopped {stopped} actors" + (" and the local Ray" if meta.get("started")
                                              else ""))
@@ -236,7 +236,12 @@ def _event_doc(env) -> dict:
 def cmd_events(args, out: Out) -> int:
     state = _offline_state_dir(args)
     from vmresize.events.store import open_host_logs
-    readers = open_host_logs(state)
+    try:
+        readers = open_host_logs(state)
+    except CorruptLog as exc:
+        raise CliError(f"corrupt log: {exc}", EXIT_BAD_INPUT) from None
+    except LogError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
     if args.host and args.host not in readers:
         raise CliError(f"--host: no log for host {args.host!r} (hosts: "
                        f"{', '.join(readers)})", EXIT_BAD_INPUT)

@@ -16,10 +16,18 @@ import time
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (the sockets stay open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _cmdlines() -> dict[int, str]:
@@ -45,16 +53,16 @@ def session_of(port: int) -> str | None:
 
 def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
     """`ray start --head` on a free port; returns {address, port, session}."""
-    port = free_port()
+    options = ("ray-client-server-port", "dashboard-agent-grpc-port",
+               "dashboard-agent-listen-port", "metrics-export-port",
+               "node-manager-port", "object-manager-port", "runtime-env-agent-port")
+    port, *others = free_ports(1 + len(options))
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--disable-usage-stats",
            "--include-dashboard=false", f"--num-cpus={os.cpu_count() or 2}"]
     # Every fixed port on a free one, so that this head never collides with another
     # Ray on the machine (a test's local Ray, another cluster's head).
-    for option in ("ray-client-server-port", "dashboard-agent-grpc-port",
-                   "dashboard-agent-listen-port", "metrics-export-port",
-                   "node-manager-port", "object-manager-port", "runtime-env-agent-port"):
-        cmd.append(f"--{option}={free_port()}")
+    cmd += [f"--{option}={p}" for option, p in zip(options, others)]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
@@ -66,21 +74,45 @@ def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
     return {"address": f"127.0.0.1:{port}", "port": port, "session": session_of(port)}
 
 
-def stop_head(session: str | None, timeout_s: float = 20) -> int:
-    """Terminate every process of that Ray session; returns how many were signalled."""
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        return entry in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def session_pids(session: str, port: int | None) -> tuple[list[int], list[int]]:
+    """(raylets, everything else) of one Ray session: by session dir or GCS port in the
+    command line, or, for agents that rename themselves, RAY_RAYLET_PID in the
+    environment."""
+    cmds = _cmdlines()
+    mine = {pid for pid, cmd in cmds.items()
+            if session in cmd or (port and f":{port}" in cmd)}
+    mine.discard(os.getpid())
+    raylets = [pid for pid in mine if "/raylet " in cmds[pid] or cmds[pid].endswith("/raylet")]
+    for pid in cmds:
+        if pid not in mine and any(_environ_has(pid, f"RAY_RAYLET_PID={r}".encode())
+                                   for r in raylets):
+            mine.add(pid)
+    return raylets, sorted(mine - set(raylets))
+
+
+def stop_head(session: str | None, port: int | None = None, grace_s: float = 5) -> int:
+    """Stop every process of that Ray session, the raylet first (its workers and agents
+    follow it); returns how many were signalled."""
     if not session:
         return 0
-    pids = [pid for pid, cmd in _cmdlines().items()
-            if session in cmd and pid != os.getpid()]
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
-    return len(pids)
+    raylets, rest = session_pids(session, port)
+    for group in (raylets, rest):
+        for pid in group:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for p in group):
+            time.sleep(0.05)     # waiting for processes to exit, bounded
+        for pid in group:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+    return len(raylets) + len(rest)
 
 
 def _signal(pid: int, sig: int) -> None:
