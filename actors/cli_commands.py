@@ -229,8 +229,10 @@ def _print_audit(out: Out, report, state: Path) -> None:
 
 
 def _event_doc(env) -> dict:
+    from vmresize.projections.notifications import notifications
     return {"host": env.host, "offset": env.offset, "wall_time": env.wall_time,
-            "time": iso(env.wall_time), "event": msgspec.to_builtins(env.event)}
+            "time": iso(env.wall_time), "event": msgspec.to_builtins(env.event),
+            "notifications": notifications(env)}
 
 
 def cmd_events(args, out: Out) -> int:
