@@ -130,11 +130,12 @@ class FakeDriver:
     def _save(self) -> None:
         if not self._state_path:
             return
+        # Write, then rename: a killed host process (the crash this models) finds the
+        # old state or the new one, never half of one. No fsync: the page cache outlives
+        # the process, and this is a fake hypervisor, not the log.
         tmp = self._state_path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(msgspec.json.encode(_Saved(self.storage, self.domains, self._calls)))
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, self._state_path)
 
     def _fault_for(self, step: str) -> str | None:
