@@ -53,7 +53,9 @@ def session_of(port: int) -> str | None:
 
 def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
     """`ray start --head` on a free port; returns {address, port, session}."""
-    options = ("ray-client-server-port", "dashboard-agent-grpc-port",
+    # (No ray-client-server-port: the client server needs `ray[client]`, and we do
+    # not use it.)
+    options = ("dashboard-agent-grpc-port",
                "dashboard-agent-listen-port", "metrics-export-port",
                "node-manager-port", "object-manager-port", "runtime-env-agent-port")
     port, *others = free_ports(1 + len(options))
