@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from polling import poll  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "events" / "fixtures" / "v1"
 VMRESIZE = str(Path(sys.executable).parent / "vmresize")
@@ -322,9 +324,10 @@ class RayProcesses:
         self.ups += 1
 
     def after_down(self, timeout_s: float = 2) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(_alive(*ps) for ps in self.seen.items()):
-            time.sleep(0.1)      # polling with a deadline: processes exit asynchronously
+        try:
+            poll(lambda: not any(_alive(*ps) for ps in self.seen.items()), timeout_s)
+        except AssertionError:
+            pass                 # the survivors are recorded just below
         self.survivors.update({p: s for p, s in self.seen.items() if _alive(p, s)})
         self.seen.clear()
 
@@ -342,15 +345,7 @@ def ray_processes():
 
 
 def _poll(fn, timeout_s: float, interval_s: float = 0.2):
-    """fn() until it returns something true, or fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)   # between polls of a condition bounded by the deadline
-    raise AssertionError(f"not reached within {timeout_s} s; last: {last!r}")
+    return poll(fn, timeout_s, interval_s)
 
 
 def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_processes):

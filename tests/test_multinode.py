@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from polling import poll  # noqa: E402
+
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -136,14 +138,7 @@ def multinode(tmp_path_factory):
 
 
 def _poll(fn, timeout_s: float, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)   # between polls of a condition bounded by the deadline
-    raise AssertionError(f"not reached within {timeout_s} s; last: {last!r}")
+    return poll(fn, timeout_s, interval_s)
 
 
 def _no_transient(cluster):
