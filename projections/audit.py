@@ -64,9 +64,9 @@ class _Checker:
     def __init__(self):
         self.p = Projection()
         self.violations: list[Violation] = []
-        self.versions: dict[str, _Where] = {}
-        self.version_of: dict[str, int] = {}
-        self.mig_last: dict[str, _Where] = {}
+        # where each version of each instance was first written: versions[uuid][v - 1]
+        self.versions: dict[str, list[tuple[str, int]]] = {}
+        self.mig_last: dict[str, Envelope] = {}    # the last record of each migration
         self.no_alloc: set[str] = set()
 
     def flag(self, n: int, message: str, env_or_where, offsets=()):
@@ -82,7 +82,7 @@ class _Checker:
         apply(self.p, env)
         if mid:
             self._check_transition(env, before, self.p.migrations.get(mid))
-            self.mig_last[mid] = _Where(env.host, env.offset)
+            self.mig_last[mid] = env
         t = type(e)
         if t in (ev.SpawnFailed, ev.Deleted):
             self.no_alloc.add(e.instance_uuid)
@@ -93,19 +93,19 @@ class _Checker:
 
     def _check_version(self, env: Envelope, e: ev.InstanceEvent) -> None:
         uuid, v = e.instance_uuid, e.instance_version
-        last = self.version_of.get(uuid, 0)
+        chain = self.versions.get(uuid)
+        if chain is None:
+            chain = self.versions[uuid] = []
+        last = len(chain)
         if v == last + 1:
-            self.version_of[uuid] = v
+            chain.append((env.host, env.offset))
         elif v <= last:
-            first = self.versions.get(f"{uuid}@{v}")
+            host, offset = chain[v - 1]
             self.flag(2, f"instance {uuid}: version {v} written twice (fork); first at "
-                      f"{first.host}:{first.offset}" if first else
-                      f"instance {uuid}: version {v} after {last}", env,
-                      [first.offset] if first else [])
+                      f"{host}:{offset}", env, [offset])
         else:
             self.flag(2, f"instance {uuid}: version {v} follows {last} (gap)", env)
-            self.version_of[uuid] = v
-        self.versions.setdefault(f"{uuid}@{v}", _Where(env.host, env.offset))
+            chain.extend([(env.host, env.offset)] * (v - last))
 
     def _check_transition(self, env, before, after) -> None:
         if after is None:
@@ -162,8 +162,8 @@ class _Checker:
                           f"host(s), is held by {got or 'none'}", where)
 
     def _last_of(self, uuid: str) -> _Where:
-        v = self.version_of.get(uuid, 1)
-        return self.versions.get(f"{uuid}@{v}", _Where("", 0))
+        chain = self.versions.get(uuid)
+        return _Where(*chain[-1]) if chain else _Where("", 0)
 
     def _check_dirs(self) -> None:
         for mid, mig in self.p.migrations.items():
