@@ -25,6 +25,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from polling import poll  # noqa: E402  (also when run as a script inside unshare)
+
 GUEST_TAG = b"VMRESIZE-GUEST sectors=0x"
 MARKER = b"--- vmresize test: power-on follows ---\n"
 SCENARIO_TIMEOUT_S = 90.0
@@ -126,13 +129,11 @@ def guest_boots(console_path: str) -> int:
 
 
 def wait_for_guest(console_path: str, timeout_s: float = CONSOLE_TIMEOUT_S) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        sectors = guest_sectors(console_path)
-        if sectors is not None:
-            return sectors
-        time.sleep(POLL_S)                         # polling a condition, bounded
-    raise TimeoutError(f"no guest output in {console_path} after {timeout_s} s")
+    try:
+        # 0 sectors is not a disk the guest could report, so "true" means "printed".
+        return poll(lambda: guest_sectors(console_path), timeout_s, POLL_S)
+    except AssertionError:
+        raise TimeoutError(f"no guest output in {console_path} after {timeout_s} s") from None
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -196,11 +197,17 @@ class SessionDaemons:
     def _wait_socket(self, name: str) -> None:
         sock = os.path.join(self.runtime, "libvirt",
                             "virtlogd-sock" if name == "virtlogd" else "libvirt-sock")
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while not os.path.exists(sock):
-            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start (no {sock})")
-            time.sleep(POLL_S)
+        proc = self.procs[-1]
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} (no {sock})")
+            return os.path.exists(sock)
+
+        try:
+            poll(up, DAEMON_START_TIMEOUT_S, POLL_S)
+        except AssertionError:
+            raise RuntimeError(f"{name} did not start (no {sock})") from None
 
     def __exit__(self, *exc) -> None:
         self.stop()
