@@ -1,4 +1,4 @@
-"""Host and controller logic, their Ray deployment, the simulator and the CLI.
+"""Host and controller: pure decisions, their shells, their Ray deployment, the Python API.
 
 `from vmresize.actors import Cluster` gives the Python API; it is loaded on first use so
 that the CLI's offline commands (`audit`, `events`) never import Ray.

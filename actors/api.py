@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from vmresize.actors.config import ClusterConfig, load
+from vmresize.config import ClusterConfig, load
 from vmresize.actors.controller import HostInfo, OperationError
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)

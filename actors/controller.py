@@ -19,8 +19,8 @@ from typing import Awaitable, Callable, Protocol
 
 import msgspec
 
-from vmresize.actors import commands as c
-from vmresize.actors.commands import Reply
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Reply
 from vmresize.actors.host import probe_name
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_controller, encode

@@ -10,7 +10,7 @@ import asyncio
 
 import ray
 
-from vmresize.actors.config import ClusterConfig
+from vmresize.config import ClusterConfig
 from vmresize.drivers.transport import PeerSink
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
-from vmresize.actors import commands as c
-from vmresize.actors.commands import Rejected
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Rejected
 from vmresize.events import schema as ev
 from vmresize.projections.fold import Projection
 from vmresize.projections.state import (ERROR, FINISHED, MIGRATING, POST_MIGRATING,

@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import ray
 
-from vmresize.actors import commands as c
-from vmresize.actors.config import ClusterConfig, HostSpec
+from vmresize.protocol import commands as c
+from vmresize.config import ClusterConfig, HostSpec
 from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
                                         OperationError, Options)
 from vmresize.actors.host import HostPolicy

@@ -16,8 +16,8 @@ from typing import Callable
 
 import msgspec
 
-from vmresize.actors import commands as c
-from vmresize.actors.commands import Rejected, Reply
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Rejected, Reply
 from vmresize.actors.host import HostPolicy, decide, probe_name
 from vmresize.drivers.base import DriverError, DriverTimeout, InstanceSpec
 from vmresize.events import schema as ev

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from audit import write_history  # noqa: E402
 
 from vmresize.actors import Cluster  # noqa: E402
-from vmresize.actors.config import parse  # noqa: E402
+from vmresize.config import parse  # noqa: E402
 from vmresize.events import schema as ev  # noqa: E402
 from vmresize.events.store import open_host_logs  # noqa: E402
 from vmresize.projections.fold import merge_logs  # noqa: E402

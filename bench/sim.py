@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RUN = r"""
 import json, resource, sys, tracemalloc
-from vmresize.actors.config import load
-from vmresize.actors.sim import Simulator, SimConfig, FAULT_KINDS
+from vmresize.config import load
+from vmresize.sim.simulator import Simulator, SimConfig, FAULT_KINDS
 hosts, instances, operations, faults, state, trace = sys.argv[1:7]
 cfg = load(sys.argv[7])
 faults = tuple(f for f in faults.split(",") if f)

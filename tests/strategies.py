@@ -16,7 +16,7 @@ import msgspec
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from vmresize.actors.config import ClusterConfig, parse
+from vmresize.config import ClusterConfig, parse
 from vmresize.events import schema as ev
 from vmresize.events.schema import (ControllerEnvelope, DiskInfo, Envelope, Flavor,
                                     MigrationSpec, Resources)
@@ -132,7 +132,7 @@ controller_envelopes = st.builds(ControllerEnvelope, host=st.just("controller"),
 def run_simulation(state_dir, seed: int, hosts: int = 3, instances: int = 4,
                    operations: int = 10, **sim_options):
     """Run the simulator into `state_dir` and return its result."""
-    from vmresize.actors.sim import SimConfig, Simulator
+    from vmresize.sim.simulator import SimConfig, Simulator
     cfg = SimConfig(seed=seed, hosts=hosts, instances=instances, operations=operations,
                     **sim_options)
     return Simulator(cluster(), cfg, Path(state_dir) / "state").run()

@@ -143,7 +143,7 @@ IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(\S+)\s*$")
 @pytest.mark.parametrize("command", [["audit"], ["events", "--json"]])
 def test_offline_commands_never_import_ray(fixture_copy, tmp_path, command):
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "vmresize.actors.cli",
+        [sys.executable, "-X", "importtime", "-m", "vmresize.cli.main",
          "--state-dir", str(fixture_copy), *command],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))

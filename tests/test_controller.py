@@ -15,11 +15,11 @@ import tempfile
 import pytest
 
 import strategies as s
-from vmresize.actors.config import load, parse
+from vmresize.config import load, parse
 from vmresize.actors.controller import (Controller, HostEntry, OperationError, Options)
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
-from vmresize.actors.vclock import run
+from vmresize.sim.vclock import run
 from vmresize.drivers.fake import FakeDriver, FakeStorage, Fault, FaultPlan, Latency
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_controller
@@ -476,7 +476,7 @@ async def test_broken_controller_leaves_a_migration_that_never_ends():
 
 
 def test_simulator_liveness_catches_the_broken_controller():
-    from vmresize.actors.sim import SimConfig, Simulator
+    from vmresize.sim.simulator import SimConfig, Simulator
     seeds = []
     for seed in range(5):
         with tempfile.TemporaryDirectory() as tmp:

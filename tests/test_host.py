@@ -2,7 +2,7 @@
 
 Given a host's state (its log), when a command arrives, then these events are appended
 (or this refusal comes back), and the FakeDriver's storage and domains look like this.
-Shells run on the virtual-time loop (vmresize.actors.vclock), over MemoryLogs.
+Shells run on the virtual-time loop (vmresize.sim.vclock), over MemoryLogs.
 Nova bug classes have regression tests named after them (`test_nova_*`).
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ import msgspec
 import pytest
 
 from strategies import MEDIUM, SMALL, TINY
-from vmresize.actors import commands as c
-from vmresize.actors.commands import Rejected
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Rejected
 from vmresize.actors.host import HostPolicy, decide, probe_name
 from vmresize.actors.shell import HostEventLog, HostShell
-from vmresize.actors.vclock import run
+from vmresize.sim.vclock import run
 from vmresize.drivers.fake import FakeDriver, FakeStorage, Fault, FaultPlan, HostCrashed
 from vmresize.events import schema as ev
 from vmresize.events.log import MemoryLog

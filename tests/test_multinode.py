@@ -20,7 +20,7 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 import msgspec  # noqa: E402
 
 from vmresize.actors import Cluster  # noqa: E402
-from vmresize.actors.config import parse  # noqa: E402
+from vmresize.config import parse  # noqa: E402
 from vmresize.actors.runtime import HOST_PREFIX  # noqa: E402
 
 pytestmark = pytest.mark.ray

@@ -1,8 +1,8 @@
 """Nova's notification names are derived from the events of a resize."""
 from __future__ import annotations
 
-from vmresize.actors.config import load
-from vmresize.actors.sim import SimConfig, Simulator
+from vmresize.config import load
+from vmresize.sim.simulator import SimConfig, Simulator
 from vmresize.events.store import open_host_logs
 from vmresize.projections.fold import merge_logs
 from vmresize.projections.notifications import notifications

@@ -10,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from vmresize.actors import Cluster, OperationError  # noqa: E402
-from vmresize.actors.config import parse  # noqa: E402
+from vmresize.config import parse  # noqa: E402
 from vmresize.drivers.fake import Fault, FaultPlan  # noqa: E402
 
 pytestmark = pytest.mark.ray

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("libvirt")
 
 from vmresize.actors import Cluster  # noqa: E402
-from vmresize.actors.config import parse  # noqa: E402
+from vmresize.config import parse  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.libvirt]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vmresize.actors import commands as c
-from vmresize.actors.config import load
+from vmresize.protocol import commands as c
+from vmresize.config import load
 from vmresize.actors.shell import HostShell, _next
-from vmresize.actors.sim import FAULT_KINDS, SimConfig, Simulator
+from vmresize.sim.simulator import FAULT_KINDS, SimConfig, Simulator
 from vmresize.drivers.fake import HostCrashed
 from vmresize.events import schema as ev
 

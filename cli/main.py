@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from vmresize.actors.config import ClusterConfig, ConfigError, load
+from vmresize.config import ClusterConfig, ConfigError, load
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help()
             return EXIT_BAD_INPUT
-        from vmresize.actors import cli_commands
+        from vmresize.cli import commands as cli_commands
         return getattr(cli_commands, "cmd_" + args.command)(args, Out(args.json))
     except CliError as exc:
         _error(str(exc))

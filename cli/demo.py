@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vmresize.actors.cli import EXIT_FAILED, EXIT_OK, CliError, _config, instance_doc
-from vmresize.actors.config import default
+from vmresize.cli.main import EXIT_FAILED, EXIT_OK, CliError, _config, instance_doc
+from vmresize.config import default
 
 STEP_LATENCY_S = 0.25
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from vmresize.actors.cli import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CliError, Out,
+from vmresize.cli.main import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CliError, Out,
                                  _config, _state_dir, host_doc, instance_doc, iso,
                                  migration_doc)
 from vmresize.events.log import CorruptLog, LogError
@@ -300,10 +300,10 @@ def _print_events(out, readers, cursors, instance, names, refresh=False) -> None
 
 
 def cmd_simulate(args, out: Out) -> int:
-    from vmresize.actors.simulate_cli import run_simulate
+    from vmresize.cli.simulate import run_simulate
     return run_simulate(args, out)
 
 
 def cmd_demo(args, out: Out) -> int:
-    from vmresize.actors.demo import run_demo
+    from vmresize.cli.demo import run_demo
     return run_demo(args, out)

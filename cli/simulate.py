@@ -8,15 +8,15 @@ from pathlib import Path
 
 import msgspec
 
-from vmresize.actors.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CliError, _config
-from vmresize.actors.config import default
+from vmresize.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CliError, _config
+from vmresize.config import default
 
 MARKER = "sim-meta.json"
 LIMITS = {"hosts": 10_000, "instances": 1_000_000, "operations": 10_000_000}
 
 
 def _check_args(args) -> tuple[str, ...]:
-    from vmresize.actors.sim import FAULT_KINDS
+    from vmresize.sim.simulator import FAULT_KINDS
     for name, top in LIMITS.items():
         value = getattr(args, name)
         if not 1 <= value <= top:
@@ -49,7 +49,7 @@ def reproduce_command(args, faults) -> str:
 
 
 def run_simulate(args, out) -> int:
-    from vmresize.actors.sim import SimConfig, Simulator
+    from vmresize.sim.simulator import SimConfig, Simulator
     faults = _check_args(args)
     cfg = _config(args, required=False) or default(args.state_dir)
     state = _state_dir_for(args, cfg)

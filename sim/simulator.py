@@ -1,6 +1,6 @@
 """The deterministic simulator: the real Host shells and Controller in one process.
 
-A virtual clock (actors/vclock.py), one seeded `random.Random`, and a transport that
+A virtual clock (sim/vclock.py), one seeded `random.Random`, and a transport that
 delays, reorders, duplicates and drops messages. Hosts crash after any appended event
 (or inside a driver call, through the FakeDriver's fault plan) and restart from their
 logs; the controller crashes and restarts from its log too. After every appended event
@@ -21,13 +21,13 @@ from typing import Callable
 
 import msgspec
 
-from vmresize.actors import commands as c
-from vmresize.actors.config import ClusterConfig
+from vmresize.protocol import commands as c
+from vmresize.config import ClusterConfig
 from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
                                         OperationError, Options)
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
-from vmresize.actors.vclock import VirtualLoop
+from vmresize.sim.vclock import VirtualLoop
 from vmresize.drivers.fake import FakeDriver, FakeStorage, FaultPlan, HostCrashed, Latency
 from vmresize.events.codec import encode
 from vmresize.events.log import SegmentLog
