@@ -8,7 +8,6 @@ shell calls a driver only between an intent event and its outcome event.
 Exceptions (all raised by drivers, turned into `Failed` events by the host shell only):
 
     DriverError                  any failure of the hypervisor or its disks
-    ├── DiskShrinkRefused        the new flavor's root or ephemeral disk is smaller
     ├── DriverTimeout            a step took longer than `step_timeout_s`
     ├── InstanceNotFound         the hypervisor does not know the instance
     └── DiskError                qemu-img, a full disk, a missing or corrupt image,
@@ -25,10 +24,6 @@ from vmresize.events.schema import DiskInfo, Flavor, Resources
 
 class DriverError(Exception):
     """A driver step failed; `str()` carries the cause (stderr of a tool, libvirt's text)."""
-
-
-class DiskShrinkRefused(DriverError):
-    pass
 
 
 class DriverTimeout(DriverError):
@@ -94,8 +89,9 @@ class Driver(Protocol):
     async def migrate_disk_and_power_off(self, instance: InstanceSpec, new_flavor: Flavor,
                                          shared_storage: bool,
                                          sink: DiskSink | None) -> tuple[DiskInfo, ...]:
-        """Source: refuse a disk shrink, power off, rename the instance dir to
-        `<dir>_resize`, flatten and send (or, on shared storage, leave) the disks."""
+        """Source: power off, rename the instance dir to `<dir>_resize`, flatten and
+        send (or, on shared storage, leave) the disks. Whether the new flavor may have
+        smaller disks is the protocol's rule, decided before this is called."""
 
     async def finish_migration(self, instance: InstanceSpec, disks: tuple[DiskInfo, ...],
                                shared_storage: bool, power_on: bool) -> None:

@@ -20,8 +20,7 @@ from typing import Awaitable, Callable
 
 import msgspec
 
-from vmresize.drivers.base import (DiskShrinkRefused, DriverError, InstanceNotFound,
-                                   InstanceSpec)
+from vmresize.drivers.base import DriverError, InstanceNotFound, InstanceSpec
 from vmresize.events.schema import RUNNING, SHUTDOWN, DiskInfo, Flavor, Resources, ZERO
 
 STEPS = ("spawn", "power_on", "power_off", "create_probe", "probe_exists",
@@ -252,12 +251,6 @@ class FakeDriver:
     async def migrate_disk_and_power_off(self, instance, new_flavor, shared_storage, sink):
         crash = await self._step("migrate_disk_and_power_off")
         uuid, dirs = instance.uuid, self.storage.dirs
-        old = instance.flavor
-        if new_flavor.root_gb < old.root_gb or new_flavor.ephemeral_gb < old.ephemeral_gb:
-            raise DiskShrinkRefused(
-                f"cannot shrink disks of {instance.name}: root {old.root_gb} -> "
-                f"{new_flavor.root_gb} GiB, ephemeral {old.ephemeral_gb} -> "
-                f"{new_flavor.ephemeral_gb} GiB")
         resize_dir = uuid + "_resize"
         if resize_dir not in dirs:
             if uuid not in dirs:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import libvirt
 
 from vmresize.drivers import qemu_img
-from vmresize.drivers.base import (DiskError, DiskSink, DiskShrinkRefused, DriverError,
-                                   DriverTimeout, InstanceNotFound, InstanceSpec)
+from vmresize.drivers.base import (DiskError, DiskSink, DriverError, DriverTimeout,
+                                   InstanceNotFound, InstanceSpec)
 from vmresize.drivers.transport import copy_sparse
 from vmresize.events.schema import DiskInfo, Flavor, Resources, ZERO
 
@@ -451,12 +451,6 @@ class LibvirtDriver:
     async def migrate_disk_and_power_off(self, instance: InstanceSpec, new_flavor: Flavor,
                                          shared_storage: bool,
                                          sink: DiskSink | None) -> tuple[DiskInfo, ...]:
-        old = instance.flavor
-        if new_flavor.root_gb < old.root_gb or new_flavor.ephemeral_gb < old.ephemeral_gb:
-            raise DiskShrinkRefused(
-                f"cannot shrink disks of {instance.name}: root {old.root_gb} -> "
-                f"{new_flavor.root_gb} GiB, ephemeral {old.ephemeral_gb} -> "
-                f"{new_flavor.ephemeral_gb} GiB")
         if not shared_storage and sink is None:
             raise DriverError(f"{self.name}: storage is not shared and no sink was given")
         uuid = instance.uuid

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vmresize.drivers.base import DiskShrinkRefused, InstanceNotFound, InstanceSpec
+from vmresize.drivers.base import InstanceNotFound, InstanceSpec
 from vmresize.drivers.fake import FakeDriver, FakeStorage
 from vmresize.events.schema import RUNNING, Flavor, Resources
 
@@ -26,8 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 UUID = "6f1c2b3a-1d2e-4f50-8a6b-7c8d9e0f1a2b"
 OLD = Flavor("m1.tiny", vcpus=1, memory_mb=512, root_gb=1, ephemeral_gb=1, swap_mb=256)
 NEW = Flavor("m1.small", vcpus=2, memory_mb=1024, root_gb=2, ephemeral_gb=2, swap_mb=1536)
-SHRINK_EPHEMERAL = Flavor("m1.noeph", vcpus=2, memory_mb=1024, root_gb=2, ephemeral_gb=0)
-SHRINK_ROOT = Flavor("m1.nano", vcpus=1, memory_mb=256, root_gb=0, ephemeral_gb=1)
 CAPACITY = Resources(vcpus=16, memory_mb=32768, disk_gb=500)
 
 
@@ -244,17 +242,7 @@ class DriverContract:
         await twice(times, a.finish_revert_migration, spec(OLD), True)
         await self.assert_old_instance(a)
 
-    # ------------------------------------------------------------------ refusals and power
-
-    @pytest.mark.parametrize("smaller", [SHRINK_EPHEMERAL, SHRINK_ROOT], ids=["eph", "root"])
-    @sync
-    async def test_disk_shrink_refused_changes_nothing(self, smaller):
-        a, b = self.make_driver("a", "s1"), self.make_driver("b", "s2")
-        await a.spawn(spec(OLD), True)
-        with pytest.raises(DiskShrinkRefused):
-            await a.migrate_disk_and_power_off(spec(OLD), smaller, False, self.make_sink(b))
-        await self.assert_old_instance(a)
-        assert self.dirs(b) == set()
+    # ------------------------------------------------------------------ power
 
     @sync
     async def test_stopped_instance_stays_stopped(self):

@@ -136,6 +136,24 @@ def test_disks_grow_to_new_flavor(env):
     assert (facts.vcpus, facts.memory_mb) == (4, 2048)
 
 
+def test_a_shrink_that_reaches_the_driver_loses_no_data(env):
+    """The protocol refuses a shrink before the driver; should one get through, the
+    disks keep their size (qemu-img only grows) and the dropped ephemeral disk stays
+    attached."""
+    smaller = Flavor("m1.less", vcpus=1, memory_mb=256, root_gb=1, ephemeral_gb=0)
+    bigger = Flavor("m1.more", vcpus=1, memory_mb=256, root_gb=2, ephemeral_gb=2)
+    a, b = env("a", "s1"), env("b", "s2")
+    run(a.spawn(spec(bigger), True))
+    sink = PeerSink(FileReceiver(b.instances_path))
+    disks = run(a.migrate_disk_and_power_off(spec(bigger), smaller, False, sink))
+    run(b.finish_migration(spec(smaller), disks, False, True))
+    inst = os.path.join(b.instances_path, UUID)
+    assert qemu_img.info(f"{inst}/disk").virtual_size == 2 * GiB
+    assert qemu_img.info(f"{inst}/disk.local").virtual_size == 2 * GiB
+    assert parse_domain_xml(b.describe_domain(UUID)[0]).disk_paths == (
+        f"{inst}/disk", f"{inst}/disk.local")
+
+
 def test_raw_disks_become_qcow2_on_a_cow_host(env):
     """Nova's finish_migration: a raw disk goes back to qcow2 when use_cow_images."""
     a, b = env("a", "s1", use_cow_images=False), env("b", "s2", use_cow_images=True)
