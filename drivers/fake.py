@@ -8,6 +8,10 @@ flag saying "already done". A seeded `FaultPlan` makes any step fail, hang or cr
 host, by probability or at an exact call; a latency model makes steps take time on
 whatever clock `sleep` runs on (virtual in the simulator, real on Ray).
 
+A disk that `finish_migration` places smaller than it was is data the guest lost: the
+fake does as it is told and records it in `data_loss`, for a simulator to report as a
+violation (the protocol must refuse a shrink before any driver sees it).
+
 With `state_path` the pool and domains are saved to that file after every change, so a
 host process that is killed and restarted finds its "hypervisor" as it left it.
 """
@@ -77,6 +81,7 @@ class _Saved(msgspec.Struct):
     storage: FakeStorage
     domains: dict[str, FakeDomain]
     calls: dict[str, int] = {}      # calls per step, so an exact fault fires only once
+    data_loss: list[str] = []
 
 
 def _disks_for(flavor: Flavor) -> dict[str, int]:
@@ -86,6 +91,10 @@ def _disks_for(flavor: Flavor) -> dict[str, int]:
     if flavor.swap_mb:
         disks["disk.swap"] = -(-flavor.swap_mb // 1024)
     return disks
+
+
+# Disks whose content is the guest's data (swap is scratch: shrinking it loses nothing).
+DATA_DISKS = ("disk", "disk.local")
 
 
 def _info(disks: dict[str, int], folder: str) -> tuple[DiskInfo, ...]:
@@ -113,6 +122,7 @@ class FakeDriver:
         self.storage = storage if storage is not None else saved.storage
         self.domains: dict[str, FakeDomain] = saved.domains
         self._calls = dict(saved.calls)
+        self.data_loss: list[str] = list(saved.data_loss)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -134,7 +144,8 @@ class FakeDriver:
         # the process, and this is a fake hypervisor, not the log.
         tmp = self._state_path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(msgspec.json.encode(_Saved(self.storage, self.domains, self._calls)))
+            f.write(msgspec.json.encode(_Saved(self.storage, self.domains, self._calls,
+                                               self.data_loss)))
         os.replace(tmp, self._state_path)
 
     def _fault_for(self, step: str) -> str | None:
@@ -293,14 +304,27 @@ class FakeDriver:
         uuid, dirs = instance.uuid, self.storage.dirs
         if uuid not in dirs:
             dirs[uuid] = {d.name: d.virtual_gb for d in disks}
-        grown = _disks_for(instance.flavor)
-        for name, gb in grown.items():
-            dirs[uuid][name] = max(gb, dirs[uuid].get(name, 0))
+        self._place_disks(instance, dirs[uuid])
         domain = self.domains.get(uuid)
         if domain is None or domain.resize_source:
             self.domains[uuid] = FakeDomain(instance.flavor,
                                             RUNNING if power_on else SHUTDOWN)
         self._finish(crash)
+
+    def _place_disks(self, instance: InstanceSpec, have: dict[str, int]) -> None:
+        """Give every disk the size `instance.flavor` asks for, as told. A retried call
+        finds them placed already, so a loss is recorded once."""
+        want = _disks_for(instance.flavor)
+        for name in sorted(set(have) | set(want)):
+            old_gb, new_gb = have.get(name, 0), want.get(name, 0)
+            if new_gb < old_gb and name in DATA_DISKS:
+                self.data_loss.append(
+                    f"{self.name}: instance {instance.name} ({instance.uuid}) {name} "
+                    f"shrunk from {old_gb} to {new_gb} GiB")
+            if new_gb:
+                have[name] = new_gb
+            else:
+                del have[name]
 
     async def revert_migration_dest(self, uuid: str, shared_storage: bool) -> None:
         crash = await self._step("revert_migration_dest")
