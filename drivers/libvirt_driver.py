@@ -126,7 +126,8 @@ def parse_domain_xml(xml: str) -> DomainFacts:
                        flavor=flavor)
 
 
-def _with_role(xml: str, role: str) -> str:
+def _with_meta(xml: str, **attrs: str | None) -> str:
+    """`xml` with these attributes set on our metadata element (None: removed)."""
     root = ET.fromstring(xml)
     meta = root.find(f"./metadata/{{{NS}}}instance")
     if meta is None:
@@ -134,7 +135,11 @@ def _with_role(xml: str, role: str) -> str:
         if holder is None:
             holder = ET.SubElement(root, "metadata")
         meta = ET.SubElement(holder, f"{{{NS}}}instance")
-    meta.set("role", role)
+    for name, value in attrs.items():
+        if value is None:
+            meta.attrib.pop(name, None)
+        else:
+            meta.set(name, value)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -484,7 +489,7 @@ class LibvirtDriver:
             dom.destroy()
         if facts.role != ROLE_RESIZE_SOURCE:
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            self._conn().defineXML(_with_role(xml, ROLE_RESIZE_SOURCE))
+            self._conn().defineXML(_with_meta(xml, role=ROLE_RESIZE_SOURCE))
 
     def _move_to_resize_dir(self, uuid: str) -> str:
         inst, resize = self._inst_dir(uuid), self._resize_dir(uuid)
