@@ -10,11 +10,13 @@ Exceptions (all raised by drivers, turned into `Failed` events by the host shell
     DriverError                  any failure of the hypervisor or its disks
     ├── DriverTimeout            a step took longer than `step_timeout_s`
     ├── InstanceNotFound         the hypervisor does not know the instance
+    ├── InstanceNotRunning       reboot of an instance that is stopped
     └── DiskError                qemu-img, a full disk, a missing or corrupt image,
                                  a transport checksum that kept failing
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -31,6 +33,10 @@ class DriverTimeout(DriverError):
 
 
 class InstanceNotFound(DriverError):
+    pass
+
+
+class InstanceNotRunning(DriverError):
     pass
 
 
@@ -72,9 +78,18 @@ class Driver(Protocol):
     async def spawn(self, instance: InstanceSpec, power_on: bool) -> tuple[DiskInfo, ...]:
         ...
 
-    async def power_on(self, uuid: str) -> None: ...
+    async def power_on(self, uuid: str) -> None:
+        """Boot the defined domain from the same disks. Running already is fine."""
 
-    async def power_off(self, uuid: str) -> None: ...
+    async def power_off(self, uuid: str, timeout_s: float = 60.0) -> None:
+        """Ask the guest to shut down (ACPI), wait up to `timeout_s` for it to stop, then
+        force it off. Stopped already is fine; the domain stays defined."""
+
+    async def reboot(self, uuid: str, hard: bool, timeout_s: float = 60.0) -> None:
+        """Restart a running instance on the same disks. Soft: the guest shuts down
+        cleanly and boots again, and one that has not stopped within `timeout_s` is
+        rebooted hard. Hard: forced off and on at once. A stopped instance is refused
+        with `InstanceNotRunning`: a reboot never starts what was stopped."""
 
     async def disk_info(self, uuid: str) -> tuple[DiskInfo, ...]: ...
 
@@ -109,4 +124,15 @@ class Driver(Protocol):
         the instance was stopped."""
 
     async def destroy(self, uuid: str) -> None:
-        """Remove the domain and its disks from this host."""
+        """Delete the instance from this host: the domain forced off and undefined, then
+        every file of it: its directory, its `_resize` directory, any disk copy (whole
+        or partial). Gone already is fine."""
+
+
+def check_timeout(timeout_s: float) -> float:
+    """A wait bound given to a driver method: a finite number of seconds, zero or more."""
+    number = isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+    if not (number and 0 <= timeout_s < math.inf):
+        raise ValueError(f"timeout_s must be a finite number of seconds >= 0, "
+                         f"got {timeout_s!r}")
+    return float(timeout_s)

@@ -24,14 +24,16 @@ from typing import Awaitable, Callable
 
 import msgspec
 
-from vmresize.drivers.base import DriverError, InstanceNotFound, InstanceSpec
+from vmresize.drivers.base import (DriverError, InstanceNotFound, InstanceNotRunning,
+                                   InstanceSpec, check_timeout)
 from vmresize.events.schema import RUNNING, SHUTDOWN, DiskInfo, Flavor, Resources, ZERO
 
-STEPS = ("spawn", "power_on", "power_off", "create_probe", "probe_exists",
+STEPS = ("spawn", "power_on", "power_off", "reboot", "create_probe", "probe_exists",
          "migrate_disk_and_power_off", "finish_migration", "confirm_migration",
          "revert_migration_dest", "finish_revert_migration", "destroy")
 
 FAIL, HANG, CRASH = "fail", "hang", "crash"
+WHEN = ("", "before", "after")
 
 
 class HostCrashed(BaseException):
@@ -44,6 +46,16 @@ class Fault(msgspec.Struct, frozen=True):
     action: str        # fail | hang | crash
     call: int = 1      # the n-th call of that step on this driver (1-based)
     when: str = ""     # crash: "before" or "after" the step's effect; "" = either
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (("step", self.step, STEPS),
+                                      ("action", self.action, (FAIL, HANG, CRASH)),
+                                      ("when", self.when, WHEN)):
+            if value not in allowed:
+                names = ", ".join(map(repr, allowed))
+                raise ValueError(f"Fault.{field} must be one of {names}, got {value!r}")
+        if self.call < 1:
+            raise ValueError(f"Fault.call must be 1 or more (the n-th call), got {self.call}")
 
 
 class FaultPlan(msgspec.Struct):
@@ -75,6 +87,11 @@ class FakeDomain(msgspec.Struct):
     flavor: Flavor
     power_state: int = SHUTDOWN
     resize_source: bool = False    # left behind by migrate_disk_and_power_off
+    boots: int = 0                 # times started (power on, reboot): a reboot shows
+
+
+def _new_domain(flavor: Flavor, power_on: bool) -> FakeDomain:
+    return FakeDomain(flavor, RUNNING if power_on else SHUTDOWN, boots=int(power_on))
 
 
 class _Saved(msgspec.Struct):
@@ -206,19 +223,33 @@ class FakeDriver:
         if instance.uuid not in dirs:
             dirs[instance.uuid] = _disks_for(instance.flavor)
         if instance.uuid not in self.domains:
-            self.domains[instance.uuid] = FakeDomain(
-                instance.flavor, RUNNING if power_on else SHUTDOWN)
+            self.domains[instance.uuid] = _new_domain(instance.flavor, power_on)
         self._finish(crash)
         return _info(dirs[instance.uuid], instance.uuid)
 
     async def power_on(self, uuid: str) -> None:
         crash = await self._step("power_on")
-        self._domain(uuid).power_state = RUNNING
+        domain = self._domain(uuid)
+        if domain.power_state != RUNNING:
+            domain.power_state = RUNNING
+            domain.boots += 1
         self._finish(crash)
 
-    async def power_off(self, uuid: str) -> None:
+    async def power_off(self, uuid: str, timeout_s: float = 60.0) -> None:
+        check_timeout(timeout_s)
         crash = await self._step("power_off")
         self._domain(uuid).power_state = SHUTDOWN
+        self._finish(crash)
+
+    async def reboot(self, uuid: str, hard: bool, timeout_s: float = 60.0) -> None:
+        """Soft or hard is one step here: the fake guest always obeys."""
+        check_timeout(timeout_s)
+        crash = await self._step("reboot")
+        domain = self._domain(uuid)
+        if domain.power_state != RUNNING:
+            raise InstanceNotRunning(f"{self.name}: instance {uuid} is not running, "
+                                     f"refusing to reboot it")
+        domain.boots += 1
         self._finish(crash)
 
     def _domain(self, uuid: str) -> FakeDomain:
@@ -292,8 +323,7 @@ class FakeDriver:
             raise InstanceNotFound(f"{self.name}: neither {uuid} nor its _resize dir exist")
         domain = self.domains.get(uuid)
         if domain is None or domain.resize_source or domain.flavor != instance.flavor:
-            self.domains[uuid] = FakeDomain(instance.flavor,
-                                            RUNNING if power_on else SHUTDOWN)
+            self.domains[uuid] = _new_domain(instance.flavor, power_on)
         self._finish(crash)
 
     # ------------------------------------------------------------------ resize, destination side
@@ -307,8 +337,7 @@ class FakeDriver:
         self._place_disks(instance, dirs[uuid])
         domain = self.domains.get(uuid)
         if domain is None or domain.resize_source:
-            self.domains[uuid] = FakeDomain(instance.flavor,
-                                            RUNNING if power_on else SHUTDOWN)
+            self.domains[uuid] = _new_domain(instance.flavor, power_on)
         self._finish(crash)
 
     def _place_disks(self, instance: InstanceSpec, have: dict[str, int]) -> None:

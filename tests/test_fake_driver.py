@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from vmresize.drivers.base import InstanceSpec
-from vmresize.drivers.fake import FakeDriver
-from vmresize.events.schema import Flavor, Resources
+from vmresize.drivers.base import DriverError, InstanceSpec
+from vmresize.drivers.fake import FakeDriver, Fault, FaultPlan, HostCrashed
+from vmresize.events.schema import RUNNING, Flavor, Resources
 
 UUID = "3c2b1a09-8f7e-4d6c-9b5a-4f3e2d1c0b9a"
 CAP = Resources(vcpus=16, memory_mb=32768, disk_gb=500)
@@ -77,3 +77,49 @@ def test_data_loss_survives_a_restart(tmp_path):
     run(resize(a, b, BIG, SMALLER_ROOT))
     again = FakeDriver("b", CAP, state_path=path)
     assert again.data_loss == b.data_loss and len(again.data_loss) == 1
+
+
+# --------------------------------------------------------------------------- faults and state
+
+def test_the_fault_plan_covers_reboot(tmp_path):
+    path = str(tmp_path / "a.json")
+    plan = FaultPlan(exact=[Fault("reboot", "fail", call=1),
+                            Fault("reboot", "crash", call=2, when="before"),
+                            Fault("reboot", "crash", call=3, when="after")])
+    a = FakeDriver("a", CAP, faults=plan, state_path=path)
+    run(a.spawn(spec(BIG), True))
+    with pytest.raises(DriverError, match="injected failure in reboot"):
+        run(a.reboot(UUID, hard=False))
+    with pytest.raises(HostCrashed):
+        run(a.reboot(UUID, hard=False))
+    assert a.domains[UUID].boots == 1, "neither the failure nor the early crash rebooted"
+    with pytest.raises(HostCrashed):
+        run(a.reboot(UUID, hard=True))
+    # The restarted host finds the reboot done, and the fired faults do not fire again.
+    again = FakeDriver("a", CAP, faults=plan, state_path=path)
+    assert (again.domains[UUID].boots, again.domains[UUID].power_state) == (2, RUNNING)
+    run(again.reboot(UUID, hard=True))
+    assert again.domains[UUID].boots == 3
+    assert a.injected == {"fail": 1, "crash": 2}
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(step="rebot", action="fail"), "Fault.step"),
+    (dict(step="reboot", action="explode"), "Fault.action"),
+    (dict(step="reboot", action="crash", when="during"), "Fault.when"),
+    (dict(step="reboot", action="fail", call=0), "Fault.call"),
+])
+def test_a_bad_fault_names_its_field(fields, field):
+    with pytest.raises(ValueError, match=field):
+        Fault(**fields)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5", True])
+def test_a_bad_timeout_names_its_field(bad):
+    a = FakeDriver("a", CAP)
+    run(a.spawn(spec(BIG), True))
+    with pytest.raises(ValueError, match="timeout_s"):
+        run(a.power_off(UUID, timeout_s=bad))
+    with pytest.raises(ValueError, match="timeout_s"):
+        run(a.reboot(UUID, hard=False, timeout_s=bad))
+    assert a.domains[UUID].power_state == RUNNING and a.domains[UUID].boots == 1
