@@ -11,7 +11,9 @@ source's domain `role="resize-source"`; confirm undefines only such a domain, an
 destination's revert only a domain that is not one. That is what keeps a same-host resize
 (and two "hosts" on one libvirt daemon, where a domain uuid can exist only once: the
 destination's definition replaces the source's, which stays marked until then) from
-undefining the wrong domain.
+undefining the wrong domain. The same element carries `rebooting="1"` from the start of
+a reboot until the domain runs again: a reboot repeated after a crash that left the domain
+off starts it, where a reboot of a stopped instance is refused.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import libvirt
 
 from vmresize.drivers import qemu_img
 from vmresize.drivers.base import (DiskError, DiskSink, DriverError, DriverTimeout,
-                                   InstanceNotFound, InstanceSpec)
+                                   InstanceNotFound, InstanceNotRunning, InstanceSpec,
+                                   check_timeout)
 from vmresize.drivers.transport import copy_sparse
 from vmresize.events.schema import DiskInfo, Flavor, Resources, ZERO
 
@@ -40,6 +43,7 @@ DISK_TARGETS = {"disk": "hda", "disk.local": "hdb", "disk.swap": "hdc"}  # IDE: 
 RESIZE_SUFFIX, RBASE_SUFFIX = "_resize", "_rbase"
 CONSOLE = "console.log"
 BASE_DIR = "_base"
+STOP_POLL_S = 0.1            # how often a wait for a guest to stop looks again
 
 ET.register_namespace("vmr", NS)
 
@@ -63,6 +67,7 @@ class DomainFacts:
     owner: str = ""              # "" when the domain carries no metadata of ours
     role: str = ""
     flavor: Flavor | None = None
+    rebooting: bool = False      # a reboot began and has not started the domain again
 
 
 def domain_name(uuid: str) -> str:
@@ -123,7 +128,7 @@ def parse_domain_xml(xml: str) -> DomainFacts:
         flavor = Flavor(name=fl.get("name"), **{k: int(fl.get(k)) for k in (
             "vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap_mb")})
     return DomainFacts(**facts, owner=meta.get("owner", ""), role=meta.get("role", ""),
-                       flavor=flavor)
+                       flavor=flavor, rebooting=meta.get("rebooting") == "1")
 
 
 def _with_meta(xml: str, **attrs: str | None) -> str:
@@ -143,6 +148,13 @@ def _with_meta(xml: str, **attrs: str | None) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _local(el: ET.Element) -> ET.Element:
+    """`el` with its namespace dropped, as virDomainSetMetadata wants it (it adds its own)."""
+    plain = ET.Element(el.tag.rpartition("}")[2], el.attrib)
+    plain.extend(_local(child) for child in el)
+    return plain
+
+
 def _disks_for(flavor: Flavor) -> dict[str, int]:
     """Disk name -> size in bytes that `flavor` asks for."""
     disks = {"disk": flavor.root_gb * GiB}
@@ -151,6 +163,31 @@ def _disks_for(flavor: Flavor) -> dict[str, int]:
     if flavor.swap_mb > 0:
         disks["disk.swap"] = flavor.swap_mb * MiB
     return disks
+
+
+def undefine_flags(xml: str, checkpoints: int) -> int:
+    """What undefining a domain (its inactive `xml`, its number of `checkpoints`) must
+    also remove, or libvirt refuses: a managed save image, snapshot and checkpoint
+    metadata, UEFI variables. Only the flags that apply: a hypervisor driver may reject
+    one it does not support (libvirt's test driver: NVRAM and checkpoints)."""
+    flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+             | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    os_el = ET.fromstring(xml).find("os")
+    if os_el is not None and (os_el.find("nvram") is not None
+                              or os_el.get("firmware") == "efi"):
+        flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    if checkpoints:
+        flags |= libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    return flags
+
+
+def _checkpoints(dom: libvirt.virDomain) -> int:
+    try:
+        return len(dom.listAllCheckpoints())
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return 0                    # no checkpoints where there can be none
+        raise
 
 
 def _rmtree(path: str) -> None:
@@ -284,8 +321,19 @@ class LibvirtDriver:
     async def power_on(self, uuid: str) -> None:
         await self._run(self._power_on, uuid)
 
-    async def power_off(self, uuid: str) -> None:
+    async def power_off(self, uuid: str, timeout_s: float = 60.0) -> None:
+        await self._shut_down(uuid, check_timeout(timeout_s))
         await self._run(self._power_off, uuid)
+
+    async def reboot(self, uuid: str, hard: bool, timeout_s: float = 60.0) -> None:
+        """Nova's way rather than `virDomainReboot`: a soft reboot is a clean shutdown
+        and a start, because a guest that stopped is one that obeyed (an ACPI reboot
+        request gives no sign of it); one that did not within `timeout_s` is rebooted
+        hard, destroyed and started."""
+        timeout_s = check_timeout(timeout_s)
+        if await self._run(self._begin_reboot, uuid) and not hard:
+            await self._shut_down(uuid, timeout_s)
+        await self._run(self._end_reboot, uuid)
 
     async def disk_info(self, uuid: str) -> tuple[DiskInfo, ...]:
         return await self._run(self._disk_info, uuid)
@@ -304,11 +352,71 @@ class LibvirtDriver:
         dom = self._domain(uuid)
         if not dom.isActive():
             dom.create()
+        self._set_rebooting(dom, False)
 
     def _power_off(self, uuid: str) -> None:
         dom = self._domain(uuid)
         if dom.isActive():
             dom.destroy()                  # hard power off; the definition stays
+        self._set_rebooting(dom, False)
+
+    async def _shut_down(self, uuid: str, timeout_s: float) -> None:
+        """Ask the guest to shut down (ACPI) and wait up to `timeout_s` for it to stop.
+        Waits here, not in a thread: a guest that ignores the request holds nothing."""
+        if timeout_s == 0 or not await self._run(self._request_shutdown, uuid):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(STOP_POLL_S, left))
+            if not await self._run(self._is_active, uuid):
+                return
+
+    def _request_shutdown(self, uuid: str) -> bool:
+        """Whether there is a guest to wait for."""
+        dom = self._domain(uuid)
+        if not dom.isActive():
+            return False
+        try:
+            dom.shutdown()
+        except libvirt.libvirtError:
+            return False            # stopped meanwhile, or cannot be asked: force it off
+        return True
+
+    def _is_active(self, uuid: str) -> bool:
+        return bool(self._domain(uuid).isActive())
+
+    def _begin_reboot(self, uuid: str) -> bool:
+        """Mark a running domain as rebooting, so that a call repeated after a crash that
+        left it off starts it again; refuse a stopped one. Whether it is running."""
+        dom = self._domain(uuid)
+        if dom.isActive():
+            self._set_rebooting(dom, True)
+            return True
+        if not self._facts(dom).rebooting:
+            raise InstanceNotRunning(f"{self.name}: instance {uuid} is not running, "
+                                     f"refusing to reboot it")
+        return False
+
+    def _end_reboot(self, uuid: str) -> None:
+        dom = self._domain(uuid)
+        if dom.isActive():
+            dom.destroy()
+        dom.create()
+        self._set_rebooting(dom, False)
+
+    def _set_rebooting(self, dom: libvirt.virDomain, rebooting: bool) -> None:
+        """Mark or unmark, in the definition and (running) the live domain alike."""
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        if parse_domain_xml(xml).rebooting == rebooting:
+            return
+        marked = ET.fromstring(_with_meta(xml, rebooting="1" if rebooting else None))
+        meta = ET.tostring(_local(marked.find(f"./metadata/{{{NS}}}instance")),
+                           encoding="unicode")
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, "vmr", NS, flags)
 
     def _disk_info(self, uuid: str) -> tuple[DiskInfo, ...]:
         for folder in (self._inst_dir(uuid), self._resize_dir(uuid)):
@@ -338,7 +446,8 @@ class LibvirtDriver:
             return
         if dom.isActive():
             dom.destroy()
-        dom.undefine()
+        dom.undefineFlags(undefine_flags(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+                                         _checkpoints(dom)))
 
     # ------------------------------------------------------------------ disks
 

@@ -18,9 +18,9 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 
 from vmresize.drivers import qemu_img  # noqa: E402
 from vmresize.drivers.base import (DiskError, DriverError, DriverTimeout,  # noqa: E402
-                                   InstanceSpec)
+                                   InstanceNotRunning, InstanceSpec)
 from vmresize.drivers.libvirt_driver import (NS, LibvirtDriver, build_domain_xml,  # noqa: E402
-                                             parse_domain_xml)
+                                             parse_domain_xml, undefine_flags)
 from vmresize.drivers.transport import FileReceiver, PeerSink  # noqa: E402
 from vmresize.events.schema import Flavor, Resources  # noqa: E402
 
@@ -318,3 +318,57 @@ def test_shared_migrate_after_a_partial_local_copy(env):
     assert qemu_img.info(os.path.join(inst, "disk.local")).virtual_size == 2 * GiB
     run(a.confirm_migration(UUID, True))
     assert parse_domain_xml(a.describe_domain(UUID)[0]).vcpus == 4
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+def test_reboot_again_after_a_crash_while_the_guest_was_off(env):
+    a = env("a", "s1")
+    run(a.spawn(spec(OLD), True))
+    assert a._begin_reboot(UUID)                     # the first call got this far,
+    a._domain(UUID).shutdown()                       # and the guest had stopped
+    run(a.reboot(UUID, hard=False))
+    assert a.describe_domain(UUID)[1], "the repeated reboot started it again"
+    assert not parse_domain_xml(a.describe_domain(UUID)[0]).rebooting
+
+
+@pytest.mark.parametrize("then", ["power_off", "power_on"])
+def test_power_off_or_on_ends_an_unfinished_reboot(env, then):
+    """A stop after a reboot that never finished must not leave a mark that lets a
+    later reboot start the stopped instance."""
+    a = env("a", "s1")
+    run(a.spawn(spec(OLD), True))
+    a._begin_reboot(UUID)
+    a._domain(UUID).shutdown()
+    if then == "power_on":
+        run(a.power_on(UUID))
+    run(a.power_off(UUID))
+    with pytest.raises(InstanceNotRunning):
+        run(a.reboot(UUID, hard=True))
+    assert not a.describe_domain(UUID)[1]
+
+
+@pytest.mark.parametrize("leftover", ["snapshot", "managed-save"])
+def test_destroy_undefines_a_domain_with_a_snapshot_or_a_saved_state(env, leftover):
+    a = env("a", "s1")
+    run(a.spawn(spec(OLD), True))
+    dom = a._domain(UUID)
+    if leftover == "snapshot":
+        dom.snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
+    else:
+        dom.managedSave(0)
+        assert dom.hasManagedSaveImage(0)
+    run(a.destroy(UUID))
+    assert a.describe_domain(UUID) is None
+    assert os.listdir(a.instances_path) == ["_base"]
+
+
+def test_undefine_flags_follow_what_the_domain_has():
+    plain = build_domain_xml(spec(OLD), OLD, "/i/u", [("disk", "qcow2")], domain_type="kvm",
+                             owner="h", role="active")
+    base = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    assert undefine_flags(plain, 0) == base
+    uefi = plain.replace("</os>", "<nvram>/var/lib/nvram/u_VARS.fd</nvram></os>")
+    assert undefine_flags(uefi, 0) == base | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    assert undefine_flags(plain, 2) == base | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
