@@ -2,10 +2,12 @@
 
 A subclass says how to make a host (`make_driver(host, storage)`: two hosts with the
 same `storage` key share instance storage), how to reach a destination's disks
-(`make_sink`), and how to look at a domain and at the storage without going through the
-driver under test (`domain`, `dirs`). Everything else is the contract: spawn, power,
-disk info, the shared-storage probe, and every resize path (two hosts, shared storage,
-same host; confirm and revert), with every step run twice to show it converges.
+(`make_sink`), how a copy to a destination breaks off half-way (`partial_copy`), and how
+to look at a domain and at the storage without going through the driver under test
+(`domain`, `boot_id`, `dirs`). Everything else is the contract: spawn, power off and on,
+reboot, delete (also in the middle of a resize, on either end), disk info, the
+shared-storage probe, and every resize path (two hosts, shared storage, same host;
+confirm and revert), with every step run twice to show it converges.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from vmresize.drivers.base import InstanceNotFound, InstanceSpec
+from vmresize.drivers.base import (DiskError, InstanceNotFound, InstanceNotRunning,
+                                   InstanceSpec)
 from vmresize.drivers.fake import FakeDriver, FakeStorage
 from vmresize.events.schema import RUNNING, Flavor, Resources
 
@@ -76,8 +79,18 @@ class DriverContract:
     def domain(self, driver, uuid: str) -> DomainView | None:
         raise NotImplementedError
 
+    def boot_id(self, driver, uuid: str):
+        """Something of the domain that changes every time it is started."""
+        raise NotImplementedError
+
     def dirs(self, driver) -> set[str]:
-        """Instance folders on the driver's storage (`<uuid>`, `<uuid>_resize`)."""
+        """What instances left on the driver's storage (`<uuid>`, `<uuid>_resize`, any
+        other file) besides what all instances share (the image cache)."""
+        raise NotImplementedError
+
+    async def partial_copy(self, src, dst) -> None:
+        """Run `src.migrate_disk_and_power_off` to `dst` with a link that breaks after
+        part of the disks arrived, leaving them on `dst`."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
@@ -114,22 +127,12 @@ class DriverContract:
         await self.assert_old_instance(a)
 
     @sync
-    async def test_power_off_and_on(self):
-        a = self.make_driver("a", "s1")
-        await a.spawn(spec(OLD), False)
-        assert self.domain(a, UUID) == DomainView(1, 512, False)
-        await twice(2, a.power_on, UUID)
-        assert self.domain(a, UUID).running
-        await twice(2, a.power_off, UUID)
-        assert self.domain(a, UUID) == DomainView(1, 512, False), "powered off, still defined"
-
-    @sync
     async def test_unknown_instance(self):
         a = self.make_driver("a", "s1")
-        with pytest.raises(InstanceNotFound):
-            await a.power_on(UUID)
-        with pytest.raises(InstanceNotFound):
-            await a.disk_info(UUID)
+        for call in (a.power_on(UUID), a.power_off(UUID), a.reboot(UUID, False),
+                     a.disk_info(UUID)):
+            with pytest.raises(InstanceNotFound):
+                await call
 
     @sync
     async def test_disk_info_follows_flavor(self):
@@ -139,13 +142,124 @@ class DriverContract:
         assert [d.name for d in disks] == ["disk", "disk.local", "disk.swap"]
         assert sizes(disks) == OLD_SIZES
 
+    # ------------------------------------------------------------------ power and reboot
+
     @sync
-    async def test_destroy_is_idempotent(self):
+    async def test_power_off_and_on(self):
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), False)
+        await self.assert_old_instance(a, running=False)
+        await twice(2, a.power_on, UUID)
+        await self.assert_old_instance(a, running=True)
+        first_boot = self.boot_id(a, UUID)
+        await twice(2, a.power_off, UUID)
+        await self.assert_old_instance(a, running=False)   # still defined, same disks
+        await a.power_on(UUID)
+        await self.assert_old_instance(a, running=True)
+        assert self.boot_id(a, UUID) != first_boot, "booted again"
+
+    @sync
+    async def test_power_off_without_waiting(self):
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), True)
+        await twice(2, a.power_off, UUID, 0)         # forced off at once
+        await self.assert_old_instance(a, running=False)
+
+    @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+    @sync
+    async def test_reboot_boots_the_same_instance_again(self, hard):
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), True)
+        boots = [self.boot_id(a, UUID)]
+        for _ in range(2):                           # a repeat reboots again
+            await a.reboot(UUID, hard)
+            boots.append(self.boot_id(a, UUID))
+            await self.assert_old_instance(a, running=True)
+        assert len(set(boots)) == 3, f"three boots, saw {boots}"
+
+    @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+    @sync
+    async def test_reboot_of_a_stopped_instance_is_refused(self, hard):
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), True)
+        await a.power_off(UUID)
+        for _ in range(2):
+            with pytest.raises(InstanceNotRunning, match="not running"):
+                await a.reboot(UUID, hard)
+        await self.assert_old_instance(a, running=False)   # never started by surprise
+
+    # ------------------------------------------------------------------ delete
+
+    @pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+    @sync
+    async def test_destroy_removes_everything(self, running):
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), running)
+        await twice(2, a.destroy, UUID)
+        self.assert_gone(a)
+        with pytest.raises(InstanceNotFound):
+            await a.disk_info(UUID)
+
+    @sync
+    async def test_destroy_of_an_unknown_instance_does_nothing(self):
+        a = self.make_driver("a", "s1")
+        await twice(2, a.destroy, UUID)
+        self.assert_gone(a)
+
+    @sync
+    async def test_destroy_after_a_resize_removes_the_resize_dir(self):
         a, b = self.make_driver("a", "s1"), self.make_driver("b", "s2")
         await a.spawn(spec(OLD), True)
         await self.resize(a, b)                      # leaves a `_resize` dir on a
         await twice(2, a.destroy, UUID)
-        assert self.dirs(a) == set() and self.domain(a, UUID) is None
+        self.assert_gone(a)
+        await self.assert_new_instance(b)            # the other host's copy is its own
+        await twice(2, b.destroy, UUID)
+        self.assert_gone(b)
+
+    @sync
+    async def test_destroy_on_the_source_mid_migration(self):
+        a, b = self.make_driver("a", "s1"), self.make_driver("b", "s2")
+        await a.spawn(spec(OLD), True)
+        await a.migrate_disk_and_power_off(spec(OLD), NEW, False, self.make_sink(b))
+        await twice(2, a.destroy, UUID)
+        self.assert_gone(a)
+        await twice(2, b.destroy, UUID)              # whatever reached the destination
+        self.assert_gone(b)
+
+    @sync
+    async def test_destroy_on_the_same_host_mid_migration(self):
+        """Shared storage: the new `<uuid>` copy and the `_resize` dir both go."""
+        a = self.make_driver("a", "s1")
+        await a.spawn(spec(OLD), True)
+        await a.migrate_disk_and_power_off(spec(OLD), NEW, True, None)
+        await twice(2, a.destroy, UUID)
+        self.assert_gone(a)
+
+    @sync
+    async def test_destroy_on_the_destination_after_a_partial_copy(self):
+        a, b = self.make_driver("a", "s1"), self.make_driver("b", "s2")
+        await a.spawn(spec(OLD), True)
+        await self.partial_copy(a, b)
+        assert UUID in self.dirs(b), "part of the disks arrived"
+        await twice(2, b.destroy, UUID)
+        self.assert_gone(b)
+        await a.finish_revert_migration(spec(OLD), True)   # the source is untouched
+        await self.assert_old_instance(a)
+
+    @sync
+    async def test_destroy_on_the_destination_before_confirm(self):
+        a, b = self.make_driver("a", "s1"), self.make_driver("b", "s2")
+        await a.spawn(spec(OLD), True)
+        await self.resize(a, b)
+        await twice(2, b.destroy, UUID)
+        self.assert_gone(b)
+        await a.finish_revert_migration(spec(OLD), True)
+        await self.assert_old_instance(a)
+
+    def assert_gone(self, driver) -> None:
+        assert self.dirs(driver) == set(), "no file of the instance is left"
+        assert self.domain(driver, UUID) is None, "the domain is undefined"
 
     # ------------------------------------------------------------------ probe
 
@@ -278,8 +392,16 @@ class TestFakeDriver(DriverContract):
             return None
         return DomainView(dom.flavor.vcpus, dom.flavor.memory_mb, dom.power_state == RUNNING)
 
+    def boot_id(self, driver, uuid):
+        return driver.domains[uuid].boots
+
     def dirs(self, driver):
         return set(driver.storage.dirs)
+
+    async def partial_copy(self, src, dst):
+        # The fake sends no bytes; what a broken copy leaves is planted by hand.
+        await src.migrate_disk_and_power_off(spec(OLD), NEW, False, None)
+        dst.storage.dirs[UUID] = {"disk": OLD.root_gb}
 
 
 # --------------------------------------------------------------------------- LibvirtDriver
@@ -300,6 +422,34 @@ NODE_XML = """<node>
   <memory>33554432</memory>
 </node>
 """
+
+
+class LinkDown(Exception):
+    pass
+
+
+class BreakAfter:
+    """A destination whose link breaks once `files` whole files arrived, at the next
+    file's first chunk (or its commit, if it has none)."""
+
+    def __init__(self, receiver: FileReceiver, files: int) -> None:
+        self.receiver, self.files_left = receiver, files
+
+    async def begin(self, *args):
+        return await self.receiver.begin(*args)
+
+    async def put(self, *args):
+        self._check_link()
+        await self.receiver.put(*args)
+
+    async def commit(self, *args):
+        self._check_link()
+        await self.receiver.commit(*args)
+        self.files_left -= 1
+
+    def _check_link(self) -> None:
+        if self.files_left == 0:
+            raise LinkDown("connection reset")
 
 
 @needs_libvirt
@@ -337,9 +487,18 @@ class TestLibvirtDriver(DriverContract):
         facts = parse_domain_xml(described[0])
         return DomainView(facts.vcpus, facts.memory_mb, described[1])
 
+    def boot_id(self, driver, uuid):
+        return driver._domain(uuid).ID()            # a new one at every start
+
     def dirs(self, driver):
-        return {e.name for e in os.scandir(driver.instances_path)
-                if e.is_dir() and e.name != "_base"}
+        return {name for name in os.listdir(driver.instances_path) if name != "_base"}
+
+    async def partial_copy(self, src, dst):
+        sink = PeerSink(BreakAfter(FileReceiver(dst.instances_path), files=1))
+        with pytest.raises(DiskError, match="LinkDown"):
+            await src.migrate_disk_and_power_off(spec(OLD), NEW, False, sink)
+        copied = set(os.listdir(os.path.join(dst.instances_path, UUID)))
+        assert {"disk", "disk.local.part"} <= copied and "disk.local" not in copied, copied
 
 
 @needs_libvirt
