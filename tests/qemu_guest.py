@@ -10,8 +10,9 @@
   outlive the test, even on failure.
 - `SessionDaemons`: starts virtlogd and libvirtd for the session by hand and stops them
   by PID (destroying every domain first).
-- `python tests/qemu_guest.py scenario WORKDIR`: the resize scenario of
-  test_qemu_resize.py, run inside the namespace; prints one JSON object.
+- `python tests/qemu_guest.py scenario WORKDIR`: the scenario of test_qemu_resize.py
+  (resize, revert, confirm, stop, start, reboots, delete), run inside the namespace;
+  prints one JSON object.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ MARKER = b"--- vmresize test: power-on follows ---\n"
 SCENARIO_TIMEOUT_S = 90.0
 DAEMON_START_TIMEOUT_S = 15.0
 CONSOLE_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 0.3            # the guest ignores ACPI: only the fallback stops it
 POLL_S = 0.05
 
 
@@ -267,6 +269,7 @@ def _image(path: str) -> dict:
 
 
 async def _scenario(work: str) -> dict:
+    import libvirt
     from vmresize.drivers.base import InstanceSpec
     from vmresize.drivers.libvirt_driver import LibvirtDriver
     from vmresize.drivers.transport import FileReceiver, PeerSink
@@ -283,7 +286,7 @@ async def _scenario(work: str) -> dict:
     out: dict = {"steps": []}
 
     def note(step: str, **facts) -> None:
-        out["steps"].append({"step": step, **facts})
+        out["steps"].append({"step": step, "t": round(time.monotonic() - t0, 2), **facts})
 
     t0 = time.monotonic()
     await src.spawn(InstanceSpec(uuid, "vm-1", old), power_on=True)
@@ -316,12 +319,62 @@ async def _scenario(work: str) -> dict:
     await src.confirm_migration(uuid, False)
     note("confirmed", resize_dir=os.path.isdir(a_dir + "_resize"),
          source_dir=os.path.isdir(a_dir), domain=_domain_view(dst, uuid))
+    conn = libvirt.open("qemu:///session")     # the test's own, to look past the driver
+    await _lifecycle(dst, conn, uuid, note)
     await dst.destroy(uuid)
-    note("destroyed", domain=_domain_view(dst, uuid), dest_dir=os.path.isdir(b_dir))
+    note("deleted", left={host.name: sorted(os.listdir(host.instances_path))
+                          for host in (src, dst)},
+         domains=[d.UUIDString() for d in conn.listAllDomains()])
     out["wall_s"] = round(time.monotonic() - t0, 2)
+    conn.close()
     src.close()
     dst.close()
     return out
+
+
+def _power(conn, uuid: str) -> dict:
+    """libvirt's own word on the domain: running or not, why it stopped, its run id."""
+    import libvirt
+    dom = conn.lookupByUUIDString(uuid)
+    state, reason = dom.state()
+    reasons = {libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
+               libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed"}
+    return {"running": state == libvirt.VIR_DOMAIN_RUNNING, "id": dom.ID(),
+            "stop_reason": reasons.get(reason, str(reason))
+            if state == libvirt.VIR_DOMAIN_SHUTOFF else ""}
+
+
+async def _lifecycle(host, conn, uuid: str, note) -> None:
+    """Stop, start, reboot hard, reboot soft. The boot-sector guest ignores ACPI, so a
+    stop and a soft reboot take the timeout -> destroy path."""
+    inst = os.path.join(host.instances_path, uuid)
+    console = os.path.join(inst, "console.log")
+
+    def mark() -> None:
+        with open(console, "ab") as f:
+            f.write(MARKER)             # what the guest prints next comes after it
+
+    async def timed(call) -> float:
+        start = time.monotonic()
+        await call
+        return round(time.monotonic() - start, 2)
+
+    before = _power(conn, uuid)
+    took = await timed(host.power_off(uuid, timeout_s=STOP_TIMEOUT_S))
+    note("stopped", call_s=took, before=before, after=_power(conn, uuid),
+         domain=_domain_view(host, uuid))
+    if _power(conn, uuid)["running"]:   # the rest would wait for a boot that never comes
+        raise AssertionError("power_off returned with the guest still running")
+    mark()
+    took = await timed(host.power_on(uuid))
+    note("started", call_s=took, **_console(inst), power=_power(conn, uuid),
+         disk=_image(f"{inst}/disk"), domain=_domain_view(host, uuid))
+    for hard in (True, False):
+        before = _power(conn, uuid)
+        mark()
+        took = await timed(host.reboot(uuid, hard=hard, timeout_s=STOP_TIMEOUT_S))
+        note("rebooted", hard=hard, call_s=took, **_console(inst), before=before,
+             after=_power(conn, uuid), domain=_domain_view(host, uuid))
 
 
 def scenario(work: str) -> int:

@@ -1,4 +1,5 @@
-"""A real QEMU guest resized between two "hosts" through qemu:///session.
+"""A real QEMU guest resized between two "hosts" through qemu:///session, then stopped,
+started, rebooted (hard, then soft) and deleted.
 
 Two LibvirtDriver instances (instances paths a/ and b/) share one session libvirtd, as two
 hosts sharing one hypervisor daemon would; disks go from a to b through a FileReceiver
@@ -96,8 +97,40 @@ def test_confirm_leaves_no_resize_dir(scenario):
     assert not confirmed["resize_dir"] and not confirmed["source_dir"]
     assert confirmed["domain"]["running"] and confirmed["domain"]["vcpus"] == 2
     assert _step(scenario, "finished", 1)["sectors"] == NEW_SECTORS
-    destroyed = _step(scenario, "destroyed")
-    assert destroyed["domain"] is None and not destroyed["dest_dir"]
+
+
+def test_stop_forces_off_a_guest_that_ignores_acpi(scenario):
+    stopped = _step(scenario, "stopped")
+    assert stopped["before"]["running"]
+    assert not stopped["after"]["running"] and not stopped["domain"]["running"]
+    # libvirt says why it stopped: destroyed (the fallback), not shut down by the guest.
+    assert stopped["after"]["stop_reason"] == "destroyed"
+    assert stopped["domain"]["vcpus"] == 2, "still defined, with the resized flavor"
+
+
+def test_start_boots_the_same_disk_again(scenario):
+    finished, started = _step(scenario, "finished", 1), _step(scenario, "started")
+    assert started["power"]["running"] and started["domain"]["running"]
+    assert started["domain"]["disks"] == finished["domain"]["disks"]
+    assert started["disk"] == finished["disk"], "the same image, untouched"
+    assert started["sectors"] == NEW_SECTORS, "the guest printed again after the start"
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_reboot_boots_the_guest_again(scenario, hard):
+    rebooted = [s for s in scenario[0]["steps"]
+                if s["step"] == "rebooted" and s["hard"] is hard][0]
+    assert rebooted["before"]["running"] and rebooted["after"]["running"]
+    assert rebooted["after"]["id"] != rebooted["before"]["id"], "a new QEMU run"
+    assert rebooted["sectors"] == NEW_SECTORS, "the guest printed again after the reboot"
+    assert rebooted["domain"]["running"] and rebooted["domain"]["vcpus"] == 2
+
+
+def test_delete_leaves_nothing_of_the_instance(scenario):
+    deleted = _step(scenario, "deleted")
+    assert deleted["domains"] == []
+    # Only the image cache, shared by every instance of the host, stays.
+    assert deleted["left"] == {"host-a": ["_base"], "host-b": []}
 
 
 def test_nothing_left_running(scenario):
