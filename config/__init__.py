@@ -26,11 +26,15 @@ class ConfigError(ValueError):
 
 
 class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`options:` of cluster.yaml; the controller and the hosts read this one struct."""
     allow_resize_to_same_host: bool = False
     use_cow_images: bool = True
     resize_confirm_window_s: Seconds = 0
     max_attempts: Count = 3
     step_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60
+    cleanup_attempts: Count = 5          # tries of a cleanup step before it is abandoned
+    retry_backoff_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    retry_backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
 
 class Ratios(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -62,9 +62,7 @@ class DiskInfo(msgspec.Struct, frozen=True):
     backing_file: str = ""
 
 
-# Power states use Nova's ints.
-RUNNING = 1
-SHUTDOWN = 4
+from vmresize.protocol.states import RUNNING, SHUTDOWN  # noqa: E402  Nova's power ints
 
 
 # --------------------------------------------------------------------------- host events
@@ -143,7 +141,12 @@ class MigrationSpec(msgspec.Struct, frozen=True):
 class Claimed(MigrationEvent, frozen=True, tag="Claimed", kw_only=True):
     """prep_resize + resize_claim on the destination: it now holds the new flavor."""
     spec: MigrationSpec
-    probe: str = ""                # shared-storage probe file the destination created
+    probe: str = ""                # shared-storage probe file the destination creates
+    probe_pending: bool = False    # intent: the probe is created after this is durable
+
+
+class ProbeCreated(MigrationEvent, frozen=True, tag="ProbeCreated", kw_only=True):
+    """Outcome of a claim's intent: the destination created the shared-storage probe."""
 
 
 class ClaimRejected(HostEventBase, frozen=True, tag="ClaimRejected", kw_only=True):
@@ -218,20 +221,29 @@ class Reverted(MigrationEvent, frozen=True, tag="Reverted", kw_only=True):
 
 # -- failures
 
-DEST_STEPS = frozenset({"prep", "finish", "revert"})
-SOURCE_STEPS = frozenset({"resize_instance", "migrate", "confirm", "finish_revert",
-                          "restore"})
-
-
 class Failed(MigrationEvent, frozen=True, tag="Failed", kw_only=True):
     """A step failed on this host. `rolled_back`: the instance is back as it was.
-    `step` is one of DEST_STEPS or SOURCE_STEPS, which says the host's role."""
+    `step` names the step; protocol.table's DEST_STEPS / SOURCE_STEPS say the role."""
     step: str
     reason: str
     rolled_back: bool
     power_state: int = RUNNING
     shared_storage: bool = False     # migrate: what the probe found before it failed
     dest_copy: bool = False          # migrate: disks may have reached the destination
+    closes: str = ""                 # an abandoned cleanup: the command id of its intent
+
+
+class RestoreStarted(MigrationEvent, frozen=True, tag="RestoreStarted", kw_only=True):
+    """Intent on the source: take the instance back (`_resize` renamed back, domain
+    defined again), the compensation after a failure or a delete on the way."""
+
+
+class ReleaseStarted(MigrationEvent, frozen=True, tag="ReleaseStarted", kw_only=True):
+    """Intent of a release on the destination: remove the probe and, with
+    `remove_disks`, the copy the source sent."""
+    reason: str
+    role: str = "dest"
+    remove_disks: bool = False
 
 
 class SourceRestored(MigrationEvent, frozen=True, tag="SourceRestored", kw_only=True):
@@ -240,10 +252,42 @@ class SourceRestored(MigrationEvent, frozen=True, tag="SourceRestored", kw_only=
     power_state: int = RUNNING
 
 
+# -- the rest of the lifecycle: intents, then outcomes (PoweredOff, PoweredOn, Deleted
+# above) or ActionFailed
+
+class PowerOffStarted(InstanceEvent, frozen=True, tag="PowerOffStarted", kw_only=True):
+    pass
+
+
+class PowerOnStarted(InstanceEvent, frozen=True, tag="PowerOnStarted", kw_only=True):
+    pass
+
+
+class RebootStarted(InstanceEvent, frozen=True, tag="RebootStarted", kw_only=True):
+    hard: bool = False
+
+
+class Rebooted(InstanceEvent, frozen=True, tag="Rebooted", kw_only=True):
+    hard: bool = False
+
+
+class DeleteStarted(InstanceEvent, frozen=True, tag="DeleteStarted", kw_only=True):
+    pass
+
+
+class ActionFailed(InstanceEvent, frozen=True, tag="ActionFailed", kw_only=True):
+    """A stop, start, reboot or delete failed on this host; `step` says which. The
+    instance keeps its state (a failed delete leaves it in error, still held)."""
+    step: str
+    reason: str
+
+
 HostEvent = (HostConfigured | SpawnStarted | Spawned | SpawnFailed | PoweredOff | PoweredOn | Deleted
              | Claimed | ClaimRejected | ClaimReleased | MigrationStarted | DiskMigrated
              | FinishStarted | Finished | ConfirmStarted | Confirmed | RevertStarted
-             | DestReverted | RevertFinishStarted | Reverted | Failed | SourceRestored)
+             | DestReverted | RevertFinishStarted | Reverted | Failed | SourceRestored
+             | ProbeCreated | RestoreStarted | ReleaseStarted | PowerOffStarted
+             | PowerOnStarted | RebootStarted | Rebooted | DeleteStarted | ActionFailed)
 
 HOST_EVENT_TYPES = HostEvent.__args__
 
@@ -294,8 +338,15 @@ class RequestEnded(ControllerEventBase, frozen=True, tag="RequestEnded", kw_only
     migration_id: str = ""
 
 
+class ActionRequested(ControllerEventBase, frozen=True, tag="ActionRequested", kw_only=True):
+    """stop, start, reboot (`hard`) or delete of an instance."""
+    instance_uuid: str
+    action: str
+    hard: bool = False
+
+
 ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
-                   | RevertRequested | RequestEnded)
+                   | RevertRequested | RequestEnded | ActionRequested)
 
 
 # --------------------------------------------------------------------------- envelope

@@ -7,28 +7,9 @@ from __future__ import annotations
 import msgspec
 
 from vmresize.events.schema import Flavor, Resources, ZERO
+from vmresize.protocol.states import MigrationStatus, TaskState, VmState
 
-NOSTATE = 0
-
-# Migration statuses (Nova's).
-PRE_MIGRATING, MIGRATING, POST_MIGRATING = "pre-migrating", "migrating", "post-migrating"
-FINISHED, CONFIRMING, CONFIRMED = "finished", "confirming", "confirmed"
-REVERTING, REVERTED, ERROR = "reverting", "reverted", "error"
-FINAL_STATUSES = frozenset({CONFIRMED, REVERTED, ERROR, "failed"})
-
-# Allowed transitions of migration.status (invariant 3); a status may repeat.
-TRANSITIONS = {
-    None: {PRE_MIGRATING, MIGRATING},
-    PRE_MIGRATING: {MIGRATING, ERROR},
-    MIGRATING: {POST_MIGRATING, ERROR},
-    POST_MIGRATING: {FINISHED, ERROR},
-    FINISHED: {CONFIRMING, REVERTING, ERROR},
-    CONFIRMING: {CONFIRMED, ERROR},
-    REVERTING: {REVERTED, ERROR},
-    CONFIRMED: set(),
-    REVERTED: set(),
-    ERROR: set(),
-}
+MS = MigrationStatus
 
 
 class Instance(msgspec.Struct, frozen=True):
@@ -53,15 +34,20 @@ def server_status(inst: Instance) -> str:
     """Nova's server status from vm_state and task_state."""
     if inst.deleted:
         return "DELETED"
-    if inst.vm_state == "error":
-        return "ERROR"
-    if inst.task_state == "resize_reverting":
-        return "REVERT_RESIZE"
-    if inst.task_state in ("resize_prep", "resize_migrating", "resize_migrated",
-                           "resize_finish"):
-        return "RESIZE"
-    return {"active": "ACTIVE", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
-            "building": "BUILD"}.get(inst.vm_state, inst.vm_state.upper())
+    status = _TASK_STATUS.get(inst.task_state)
+    if status is not None and inst.vm_state != VmState.ERROR:
+        return status
+    return _VM_STATUS.get(inst.vm_state, inst.vm_state.upper())
+
+
+_VM_STATUS = {VmState.ACTIVE: "ACTIVE", VmState.STOPPED: "SHUTOFF",
+              VmState.RESIZED: "VERIFY_RESIZE", VmState.BUILDING: "BUILD",
+              VmState.ERROR: "ERROR", VmState.DELETED: "DELETED"}
+# Task states that show as their own status (Nova's _STATE_MAP).
+_TASK_STATUS = {TaskState.RESIZE_PREP: "RESIZE", TaskState.RESIZE_MIGRATING: "RESIZE",
+                TaskState.RESIZE_MIGRATED: "RESIZE", TaskState.RESIZE_FINISH: "RESIZE",
+                TaskState.RESIZE_REVERTING: "REVERT_RESIZE",
+                TaskState.REBOOTING: "REBOOT", TaskState.REBOOTING_HARD: "HARD_REBOOT"}
 
 
 class Migration(msgspec.Struct, frozen=True):
@@ -86,6 +72,7 @@ class Migration(msgspec.Struct, frozen=True):
     source_settled: bool = False       # the source holds nothing for the migration any more
     dest_settled: bool = False         # neither does the destination
     dest_reverted: bool = False        # the destination released the instance (revert)
+    claim_ready: bool = True           # the destination's claim step (probe) is done
     failed_step: str = ""
     reason: str = ""
     version: int = 0                   # instance version of the last event applied
@@ -93,9 +80,9 @@ class Migration(msgspec.Struct, frozen=True):
     @property
     def final(self) -> bool:
         """Ended, compensations included: nothing more will happen to it."""
-        if self.status in (CONFIRMED, REVERTED):
+        if self.status in (MS.CONFIRMED, MS.REVERTED):
             return True
-        return (self.status == ERROR and self.dest_settled
+        return (self.status == MS.ERROR and self.dest_settled
                 and (self.source_settled or not self.source_started))
 
 

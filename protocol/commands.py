@@ -75,11 +75,29 @@ class AbandonStep(Command, frozen=True, tag="AbandonStep", kw_only=True):
     migration_id: str
     step: str
     reason: str
+    abandons: str = ""           # the command id whose intent stays open; this closes it
+
+
+class StopInstance(Command, frozen=True, tag="StopInstance", kw_only=True):
+    """Power off: a clean shutdown, then a hard one after the driver's timeout."""
+
+
+class StartInstance(Command, frozen=True, tag="StartInstance", kw_only=True):
+    pass
+
+
+class RebootInstance(Command, frozen=True, tag="RebootInstance", kw_only=True):
+    hard: bool = False
+
+
+class DeleteInstance(Command, frozen=True, tag="DeleteInstance", kw_only=True):
+    """Destroy the domain, remove every file of the instance, release its allocation."""
 
 
 AnyCommand = (Spawn | PrepResize | ResizeInstance | FinishResize | ConfirmResize
               | RevertResize | FinishRevertResize | RestoreSource | ReleaseClaim
-              | AbandonStep)
+              | AbandonStep | StopInstance | StartInstance | RebootInstance
+              | DeleteInstance)
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
