@@ -1,20 +1,23 @@
-"""Host logic: pure decisions of a compute host, `decide(state, command) -> events`.
+"""Host logic: pure decisions of a compute host.
 
-No Ray, no clock, no I/O: the state is the host's own projection (its log folded), and
-every refusal is a value (`Rejected`) or an audit-trail event (`ClaimRejected`,
-`Failed`). The shell (actors/shell.py) appends what `decide` returns, calls the driver
-between an intent and its outcome, and appends the outcome.
+`decide(state, policy, cmd)` returns the events a command appends first (its intent, a
+decision, or a refusal event) or `Rejected`; `outcome(state, intent, result)` returns the
+events that close an intent once its driver call has run. No Ray, no clock, no I/O: the
+state is the host's own projection (its log folded). Which command is legal in which
+state comes from the protocol table (protocol/table.py); the shell (actors/shell.py)
+appends what these functions return and calls the driver between intent and outcome.
 """
 from __future__ import annotations
 
 import msgspec
 
-from vmresize.protocol import commands as c
-from vmresize.protocol.commands import Rejected
 from vmresize.events import schema as ev
 from vmresize.projections.fold import Projection
-from vmresize.projections.state import (ERROR, FINISHED, MIGRATING, POST_MIGRATING,
-                                        PRE_MIGRATING, REVERTING, Ledger, claim_key)
+from vmresize.projections.state import Ledger, claim_key
+from vmresize.protocol import commands as c
+from vmresize.protocol import table
+from vmresize.protocol.commands import Rejected
+from vmresize.protocol.states import RUNNING, SHUTDOWN, Role, Step, VmState
 
 
 class HostPolicy(msgspec.Struct, frozen=True):
@@ -22,6 +25,18 @@ class HostPolicy(msgspec.Struct, frozen=True):
     name: str
     limit: ev.Resources
     overhead: ev.Resources = ev.ZERO
+
+
+class Effect(msgspec.Struct, frozen=True):
+    """What a driver call of an intent came to: `error` empty when it succeeded;
+    `rolled_back` whether the step's own undo succeeded after a failure; `shared` what
+    the shared-storage probe found; `probed` whether the probe was looked at at all."""
+    error: str = ""
+    retryable: bool = False
+    rolled_back: bool = True
+    shared: bool = False
+    probed: bool = False
+    disks: tuple[ev.DiskInfo, ...] = ()
 
 
 def probe_name(migration_id: str) -> str:
@@ -40,10 +55,28 @@ def check_version(state: Projection, cmd: c.Command) -> Rejected | None:
     return None
 
 
+def rule_for(policy: HostPolicy, cmd: c.Command, state: Projection) -> table.StepRule:
+    if isinstance(cmd, c.ReleaseClaim) and cmd.role == Role.SOURCE:
+        return table.SOURCE_RELEASE
+    return table.STEPS[type(cmd)]
+
+
+def refusal(state: Projection, policy: HostPolicy, cmd: c.Command) -> str:
+    """Why this host refuses `cmd` in its state (the table's legality); empty if legal."""
+    rule = rule_for(policy, cmd, state)
+    inst = state.instances.get(cmd.instance_uuid)
+    mid = getattr(cmd, "migration_id", "")
+    mig = state.migrations.get(mid) if mid else None
+    live = inst is not None and not inst.deleted
+    return table.step_refusal(
+        rule, policy.name, inst.vm_state if live else None,
+        inst.task_state if live else None, live and inst.host == policy.name,
+        mig.status if mig is not None else None, inst.power_state if live else 0)
+
+
 def _fits(state: Projection, policy: HostPolicy, need: ev.Resources) -> str:
     """Empty when `need` fits beside what the host holds; else why not."""
-    used = _ledger(state, policy.name).used
-    total = used + need
+    total = _ledger(state, policy.name).used + need
     if total.fits_in(policy.limit):
         return ""
     short = [f"{field} {getattr(total, field)} > {getattr(policy.limit, field)}"
@@ -52,124 +85,191 @@ def _fits(state: Projection, policy: HostPolicy, need: ev.Resources) -> str:
     return f"{policy.name} cannot hold it: " + ", ".join(short)
 
 
-def decide_spawn(state: Projection, policy: HostPolicy, cmd: c.Spawn):
-    if cmd.instance_uuid in state.instances:
-        return Rejected(f"instance {cmd.instance_uuid} already exists on {policy.name}")
+def _event(cls, cmd, bump: int = 1, **fields):
+    """An event of `cmd`'s instance (and migration) at the next version."""
+    kw = dict(command_id=cmd.command_id, instance_uuid=cmd.instance_uuid,
+              instance_version=cmd.instance_version + bump)
+    if "migration_id" in cls.__struct_fields__:
+        kw["migration_id"] = cmd.migration_id
+    return cls(**kw, **fields)
+
+
+# --------------------------------------------------------------------------- decisions
+
+def decide_spawn(state, policy, cmd: c.Spawn):
     need = cmd.flavor.resources(policy.overhead)
     why = _fits(state, policy, need)
     if why:
         return Rejected(why)
-    return [ev.SpawnStarted(command_id=cmd.command_id, instance_uuid=cmd.instance_uuid,
-                            instance_version=cmd.instance_version + 1, name=cmd.name,
-                            flavor=cmd.flavor, resources=need, stopped=cmd.stopped,
-                            image=cmd.image)]
+    return [_event(ev.SpawnStarted, cmd, name=cmd.name, flavor=cmd.flavor, resources=need,
+                   stopped=cmd.stopped, image=cmd.image)]
 
 
-def decide_prep(state: Projection, policy: HostPolicy, cmd: c.PrepResize):
-    """resize_claim on the destination: Claimed, or ClaimRejected (no version bump)."""
-    spec = msgspec.structs.replace(cmd.spec,
-                                   new_resources=cmd.spec.new_flavor.resources(policy.overhead))
-    reason = ""
-    if spec.source == policy.name and not cmd.allow_same_host:
-        reason = f"resize to the same host ({policy.name}) is not allowed"
-    elif cmd.migration_id in state.migrations:
-        reason = f"migration {cmd.migration_id} is already claimed here"
-    else:
-        # On the same host the old flavor is still held, so old and new must fit together.
-        reason = _fits(state, policy, spec.new_resources)
+def decide_prep(state, policy, cmd: c.PrepResize):
+    """resize_claim on the destination: Claimed (the intent of creating the probe), or
+    ClaimRejected (a refusal with an audit trail, no version bump)."""
+    spec = msgspec.structs.replace(
+        cmd.spec, new_resources=cmd.spec.new_flavor.resources(policy.overhead))
+    # On the same host the old flavor is still held, so old and new must fit together.
+    reason = (table.same_host_refusal(spec.source, policy.name, cmd.allow_same_host)
+              or _fits(state, policy, spec.new_resources))
     if reason:
         return [ev.ClaimRejected(command_id=cmd.command_id, migration_id=cmd.migration_id,
                                  instance_uuid=cmd.instance_uuid, dest=policy.name,
                                  reason=reason)]
-    return [ev.Claimed(command_id=cmd.command_id, instance_uuid=cmd.instance_uuid,
-                       instance_version=cmd.instance_version + 1,
-                       migration_id=cmd.migration_id, spec=spec,
-                       probe=probe_name(cmd.migration_id))]
+    return [_event(ev.Claimed, cmd, spec=spec, probe=probe_name(cmd.migration_id),
+                   probe_pending=True)]
 
 
-def _migration_in(state: Projection, cmd, statuses) -> Rejected | None:
-    mig = state.migrations.get(cmd.migration_id)
-    if mig is None:
-        return Rejected(f"migration {cmd.migration_id} is unknown here")
-    if mig.status not in statuses:
-        return Rejected(f"migration {cmd.migration_id} is {mig.status}, "
-                        f"expected {' or '.join(sorted(statuses))}")
-    return None
-
-
-def _event(cls, cmd, bump: int = 1, **fields):
-    return cls(command_id=cmd.command_id, instance_uuid=cmd.instance_uuid,
-               instance_version=cmd.instance_version + bump,
-               migration_id=cmd.migration_id, **fields)
-
-
-def decide_resize_instance(state: Projection, policy: HostPolicy, cmd: c.ResizeInstance):
-    inst = state.instances.get(cmd.instance_uuid)
-    if inst is None or inst.host != policy.name:
-        return Rejected(f"instance {cmd.instance_uuid} is not on {policy.name}")
-    old, new = cmd.spec.old_flavor, cmd.spec.new_flavor
-    if new.root_gb < old.root_gb or new.ephemeral_gb < old.ephemeral_gb:
-        # Refused with a rollback: nothing has happened to the instance yet.
-        return [_event(ev.Failed, cmd, step="resize_instance", rolled_back=True,
-                       power_state=inst.power_state,
-                       reason=f"disk shrink refused: root {old.root_gb} -> {new.root_gb} GB, "
-                              f"ephemeral {old.ephemeral_gb} -> {new.ephemeral_gb} GB")]
+def decide_resize_instance(state, policy, cmd: c.ResizeInstance):
+    inst = state.instances[cmd.instance_uuid]
+    shrink = table.disk_shrink_refusal(cmd.spec.old_flavor, cmd.spec.new_flavor)
+    if shrink:      # refused with a rollback: nothing has happened to the instance yet
+        return [_event(ev.Failed, cmd, step=Step.RESIZE_INSTANCE, rolled_back=True,
+                       power_state=inst.power_state, reason=shrink)]
     return [_event(ev.MigrationStarted, cmd, spec=cmd.spec, probe=cmd.probe)]
 
 
-def decide_finish(state, policy, cmd: c.FinishResize):
-    return _migration_in(state, cmd, {PRE_MIGRATING, POST_MIGRATING}) or [
-        _event(ev.FinishStarted, cmd, disks=cmd.disks, shared_storage=cmd.shared_storage)]
-
-
-def decide_confirm(state, policy, cmd: c.ConfirmResize):
-    return _migration_in(state, cmd, {POST_MIGRATING, FINISHED, "confirming"}) or [
-        _event(ev.ConfirmStarted, cmd, shared_storage=cmd.shared_storage)]
-
-
-def decide_revert(state, policy, cmd: c.RevertResize):
-    return _migration_in(state, cmd, {FINISHED}) or [
-        _event(ev.RevertStarted, cmd, shared_storage=cmd.shared_storage)]
-
-
-def decide_finish_revert(state, policy, cmd: c.FinishRevertResize):
-    return _migration_in(state, cmd, {POST_MIGRATING, REVERTING}) or [
-        _event(ev.RevertFinishStarted, cmd)]
-
-
-def decide_restore(state, policy, cmd: c.RestoreSource):
-    """No intent event: the outcome is appended after the driver call (see shell)."""
-    return _migration_in(state, cmd, {MIGRATING, POST_MIGRATING, ERROR}) or []
-
-
-def decide_release(state: Projection, policy: HostPolicy, cmd: c.ReleaseClaim):
-    if cmd.migration_id not in state.migrations:
-        return Rejected(f"migration {cmd.migration_id} is unknown here")
-    ledger = _ledger(state, policy.name)
-    if (cmd.role == "dest" and not cmd.remove_disks
-            and claim_key(cmd.migration_id) not in ledger.allocations):
+def decide_release(state, policy, cmd: c.ReleaseClaim):
+    if cmd.role == Role.SOURCE:
+        return [_event(ev.ClaimReleased, cmd, role=cmd.role, reason=cmd.reason)]
+    if (not cmd.remove_disks
+            and claim_key(cmd.migration_id) not in _ledger(state, policy.name).allocations):
         return Rejected(f"{policy.name} holds no claim for {cmd.migration_id}")
-    return []
+    return [_event(ev.ReleaseStarted, cmd, role=cmd.role, reason=cmd.reason,
+                   remove_disks=cmd.remove_disks)]
 
 
-def decide_abandon(state, policy, cmd: c.AbandonStep):
-    return _migration_in(state, cmd, {MIGRATING, POST_MIGRATING, FINISHED, "confirming",
-                                      REVERTING, ERROR}) or [
-        _event(ev.Failed, cmd, step=cmd.step, reason=cmd.reason, rolled_back=False)]
+def _intent_only(fields=lambda cmd: {}):
+    def decide_step(state, policy, cmd):
+        return [_event(table.STEPS[type(cmd)].intent, cmd, **fields(cmd))]
+    return decide_step
 
 
 DECIDE = {
     c.Spawn: decide_spawn, c.PrepResize: decide_prep,
-    c.ResizeInstance: decide_resize_instance, c.FinishResize: decide_finish,
-    c.ConfirmResize: decide_confirm, c.RevertResize: decide_revert,
-    c.FinishRevertResize: decide_finish_revert, c.RestoreSource: decide_restore,
-    c.ReleaseClaim: decide_release, c.AbandonStep: decide_abandon,
+    c.ResizeInstance: decide_resize_instance,
+    c.FinishResize: _intent_only(lambda cmd: dict(disks=cmd.disks,
+                                                  shared_storage=cmd.shared_storage)),
+    c.ConfirmResize: _intent_only(lambda cmd: dict(shared_storage=cmd.shared_storage)),
+    c.RevertResize: _intent_only(lambda cmd: dict(shared_storage=cmd.shared_storage)),
+    c.FinishRevertResize: _intent_only(),
+    c.RestoreSource: _intent_only(),
+    c.ReleaseClaim: decide_release,
+    c.AbandonStep: lambda state, policy, cmd: [
+        _event(ev.Failed, cmd, step=cmd.step, reason=cmd.reason, rolled_back=False,
+               closes=cmd.abandons)],
+    c.StopInstance: _intent_only(),
+    c.StartInstance: _intent_only(),
+    c.RebootInstance: _intent_only(lambda cmd: dict(hard=cmd.hard)),
+    c.DeleteInstance: _intent_only(),
 }
 
 
 def decide(state: Projection, policy: HostPolicy, cmd: c.Command):
-    """The events a command appends first (an intent, or a refusal event), or Rejected."""
+    """The events a command appends first (an intent, a decision or a refusal event),
+    `[]` when there is nothing to do (stop of a stopped instance), or Rejected."""
     stale = check_version(state, cmd)
     if stale is not None:
         return stale
+    why = refusal(state, policy, cmd)
+    if why:
+        if isinstance(cmd, c.PrepResize):
+            return [ev.ClaimRejected(command_id=cmd.command_id,
+                                     migration_id=cmd.migration_id,
+                                     instance_uuid=cmd.instance_uuid, dest=policy.name,
+                                     reason=why)]
+        return Rejected(why)
+    inst = state.instances.get(cmd.instance_uuid)
+    if inst is not None and inst.power_state in rule_for(policy, cmd, state).noop:
+        return []
     return DECIDE[type(cmd)](state, policy, cmd)
+
+
+# --------------------------------------------------------------------------- outcomes
+
+def _power(on: bool) -> int:
+    return RUNNING if on else SHUTDOWN
+
+
+def outcome(state: Projection, intent, result: Effect) -> list | None:
+    """The events that close `intent` after its driver call came to `result`; None when
+    a step that can only be retried failed (the intent stays open)."""
+    rule = table.STEP_OF_INTENT[type(intent)]
+    if result.error and rule.on_failure == "retry":
+        return None
+    build = _OUTCOMES.get(type(intent))
+    if build is not None:
+        return [build(state, intent, result)]
+    if result.error:
+        return [_next(rule.failure, intent, step=rule.step, reason=result.error)]
+    return [_next(rule.outcome, intent)]
+
+
+def _vm_state_of(state: Projection, intent) -> str:
+    mig = state.migrations.get(getattr(intent, "migration_id", ""))
+    return mig.vm_state if mig is not None else VmState.ACTIVE
+
+
+def _spawned(state, e: ev.SpawnStarted, r: Effect):
+    if r.error:
+        return _next(ev.SpawnFailed, e, reason=r.error)
+    return _next(ev.Spawned, e, power_state=_power(not e.stopped), disks=r.disks)
+
+
+def _claim_ready(state, e: ev.Claimed, r: Effect):
+    if r.error:
+        return _next(ev.ClaimReleased, e, role=Role.DEST,
+                     reason=f"shared-storage probe failed: {r.error}")
+    return _next(ev.ProbeCreated, e)
+
+
+def _disk_migrated(state, e: ev.MigrationStarted, r: Effect):
+    if r.error:
+        # Only a source that knew the storage was not shared may have sent disks.
+        return _next(ev.Failed, e, step=Step.MIGRATE, reason=r.error,
+                     rolled_back=r.rolled_back, power_state=_power(e.spec.vm_state == "active"),
+                     shared_storage=r.shared, dest_copy=r.probed and not r.shared)
+    return _next(ev.DiskMigrated, e, shared_storage=r.shared, disks=r.disks)
+
+
+def _finished(state, e: ev.FinishStarted, r: Effect):
+    if r.error:
+        return _next(ev.Failed, e, step=Step.FINISH, reason=r.error,
+                     rolled_back=r.rolled_back)
+    return _next(ev.Finished, e, power_state=_power(_vm_state_of(state, e) == "active"))
+
+
+def _source_back(cls):
+    def build(state, e, r: Effect):
+        return _next(cls, e, power_state=_power(_vm_state_of(state, e) == "active"))
+    return build
+
+
+def _released(state, e: ev.ReleaseStarted, r: Effect):
+    return _next(ev.ClaimReleased, e, role=e.role, reason=e.reason,
+                 disks_removed=e.role == Role.DEST and e.remove_disks)
+
+
+def _rebooted(state, e: ev.RebootStarted, r: Effect):
+    if r.error:
+        return _next(ev.ActionFailed, e, step=Step.REBOOT, reason=r.error)
+    return _next(ev.Rebooted, e, hard=e.hard)
+
+
+_OUTCOMES = {
+    ev.SpawnStarted: _spawned, ev.Claimed: _claim_ready,
+    ev.MigrationStarted: _disk_migrated, ev.FinishStarted: _finished,
+    ev.RevertFinishStarted: _source_back(ev.Reverted),
+    ev.RestoreStarted: _source_back(ev.SourceRestored),
+    ev.ReleaseStarted: _released, ev.RebootStarted: _rebooted,
+}
+
+
+def _next(cls, intent, **fields):
+    """The outcome of `intent`: same command, migration and instance, next version."""
+    kw = dict(command_id=intent.command_id, instance_uuid=intent.instance_uuid,
+              instance_version=intent.instance_version + 1)
+    if "migration_id" in cls.__struct_fields__:
+        kw["migration_id"] = intent.migration_id
+    return cls(**kw, **fields)

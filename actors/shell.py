@@ -16,18 +16,16 @@ from typing import Callable
 
 import msgspec
 
-from vmresize.protocol import commands as c
-from vmresize.protocol.commands import Rejected, Reply
-from vmresize.actors.host import HostPolicy, decide, probe_name
+from vmresize.actors.host import Effect, HostPolicy, decide, outcome, probe_name
 from vmresize.drivers.base import DriverError, DriverTimeout, InstanceSpec
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_host, encode
 from vmresize.events.log import load_snapshot, save_snapshot
-from vmresize.events.schema import RUNNING, SHUTDOWN, Envelope
+from vmresize.events.schema import Envelope
 from vmresize.projections.fold import Projection, apply
-
-INTENTS = (ev.SpawnStarted, ev.MigrationStarted, ev.FinishStarted, ev.ConfirmStarted,
-           ev.RevertStarted, ev.RevertFinishStarted)
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Rejected, Reply
+from vmresize.protocol.table import INTENTS, STEP_OF_INTENT
 
 
 class HostSnapshot(msgspec.Struct):
@@ -84,6 +82,7 @@ class HostShell:
         self.state = Projection()
         self.commands: dict[str, list[int]] = {}
         self.open_intents: dict[str, int] = {}      # command_id -> offset of its intent
+        self.busy: dict[str, str] = {}              # instance uuid -> its open command
         self._inflight: dict[str, asyncio.Future] = {}
         self._lock = asyncio.Lock()
         self._since_snapshot = 0
@@ -101,6 +100,8 @@ class HostShell:
                 s = _SNAPSHOT_DECODER.decode(data)
                 self.state, self.commands, self.open_intents = (
                     s.projection, s.commands, s.open_intents)
+                self.busy = {self._intent_of(cid).event.instance_uuid: cid
+                             for cid in self.open_intents}
         n = 0
         for env in self.log.replay(start):
             self._record(env)
@@ -133,10 +134,16 @@ class HostShell:
         cid = env.event.command_id
         if cid:
             self.commands.setdefault(cid, []).append(env.offset)
-            if isinstance(env.event, INTENTS):
+            uuid = getattr(env.event, "instance_uuid", "")
+            if type(env.event) in INTENTS and _opens(env.event):
                 self.open_intents[cid] = env.offset
-            else:
-                self.open_intents.pop(cid, None)
+                self.busy[uuid] = cid
+            elif self.open_intents.pop(cid, None) is not None and self.busy.get(uuid) == cid:
+                del self.busy[uuid]
+            closes = getattr(env.event, "closes", "")
+            if closes and self.open_intents.pop(closes, None) is not None \
+                    and self.busy.get(uuid) == closes:
+                del self.busy[uuid]
 
     async def _append(self, events: list) -> list[Envelope]:
         envs = await self.log.append(events)
@@ -174,38 +181,28 @@ class HostShell:
         return await asyncio.shield(task)
 
     async def _run(self, cmd: c.Command) -> Reply:
+        """read -> decide -> append the intent -> driver -> append the outcome."""
         cid = cmd.command_id
         if cid in self.open_intents:
-            env = next(self.log.replay(self.open_intents[cid], self.open_intents[cid] + 1))
-            return await self._effect(env)
-        direct = _DIRECT.get(type(cmd))
+            return await self._effect(self._intent_of(cid))
         async with self._lock:
+            holder = self.busy.get(cmd.instance_uuid)
+            if holder is not None and getattr(cmd, "abandons", None) != holder:
+                # One step of an instance at a time, or versions fork.
+                return Reply(command_id=cid, ok=False, retryable=True,
+                             reason=f"instance {cmd.instance_uuid} has a step under way "
+                                    f"on {self.name} ({holder})")
             result = decide(self.state, self.policy, cmd)
             if isinstance(result, Rejected):
                 return Reply(command_id=cid, ok=False, reason=result.reason)
-            if direct is None:
-                if isinstance(cmd, c.PrepResize) and isinstance(result[0], ev.Claimed):
-                    result = await self._create_probe(result)
-                if isinstance(result[0], ev.ClaimRejected):
-                    # An earlier try of this command may have created the probe.
-                    await self._quietly(self.driver.remove_probe(probe_name(cmd.migration_id)))
-                envs = await self._append(result)
-        if direct is not None:
-            return await getattr(self, direct)(cmd)
-        if isinstance(envs[-1].event, INTENTS):
+            envs = await self._append(result) if result else []
+        if envs and type(envs[-1].event) in INTENTS and _opens(envs[-1].event):
             return await self._effect(envs[-1], envs[:-1])
         return _reply(cid, envs)
 
-    async def _create_probe(self, events: list) -> list:
-        claimed = events[0]
-        try:
-            await self._call(self.driver.create_probe(claimed.probe))
-        except DriverError as exc:
-            return [ev.ClaimRejected(command_id=claimed.command_id,
-                                     migration_id=claimed.migration_id,
-                                     instance_uuid=claimed.instance_uuid, dest=self.name,
-                                     reason=f"shared-storage probe failed: {exc}")]
-        return events
+    def _intent_of(self, command_id: str) -> Envelope:
+        offset = self.open_intents[command_id]
+        return next(self.log.replay(offset, offset + 1))
 
     async def _call(self, coro):
         try:
@@ -217,41 +214,53 @@ class HostShell:
     # ------------------------------------------------------------------ effects
 
     async def _effect(self, intent: Envelope, before: list | None = None) -> Reply:
-        """Run the driver call of an intent and append its outcome."""
+        """Run the driver call(s) of an open intent, then append its outcome."""
         e = intent.event
-        outcome = await getattr(self, _EFFECTS[type(e)])(e)
-        if outcome is None:      # a cleanup step failed: the intent stays open
+        rule = STEP_OF_INTENT[type(e)]
+        step = rule.step
+        result = await getattr(self, "_do_" + step)(e)
+        events = outcome(self.state, e, result)
+        if events is None:      # a cleanup step failed: the intent stays open
             return Reply(command_id=e.command_id, ok=False, retryable=True,
-                         reason=self._last_error, events=(before or []) + [intent])
-        envs = await self._append(outcome)
-        return _reply(e.command_id, (before or []) + [intent] + envs)
+                         reason=f"{step} on {self.name}: {result.error}",
+                         events=(before or []) + [intent])
+        envs = await self._append(events)
+        return _reply(e.command_id, (before or []) + [intent] + envs, rule.failure)
+
+    async def _attempt(self, coro, **fields) -> Effect:
+        """One driver call as an Effect: its error, if any, as a value."""
+        try:
+            await self._call(coro)
+        except DriverError as exc:
+            return Effect(error=str(exc), **fields)
+        return Effect(**fields)
 
     def _mig(self, e):
         return self.state.migrations[e.migration_id]
 
-    def _old_spec(self, mig, uuid: str) -> InstanceSpec:
-        return InstanceSpec(uuid=uuid, name=self._name_of(uuid), flavor=mig.old_flavor)
-
-    def _name_of(self, uuid: str) -> str:
+    def _spec(self, uuid: str, flavor) -> InstanceSpec:
         inst = self.state.instances.get(uuid)
-        return inst.name if inst else uuid
+        return InstanceSpec(uuid=uuid, name=inst.name if inst else uuid, flavor=flavor)
 
-    async def _spawn(self, e: ev.SpawnStarted):
+    def _power_on_after(self, e) -> bool:
+        return self._mig(e).vm_state == "active"
+
+    async def _do_spawn(self, e: ev.SpawnStarted) -> Effect:
         spec = InstanceSpec(uuid=e.instance_uuid, name=e.name, flavor=e.flavor, image=e.image)
         try:
             disks = await self._call(self.driver.spawn(spec, power_on=not e.stopped))
         except DriverError as exc:
             await self._quietly(self.driver.destroy(e.instance_uuid))
-            return [_next(ev.SpawnFailed, e, reason=str(exc))]
-        return [_next(ev.Spawned, e, power_state=SHUTDOWN if e.stopped else RUNNING,
-                      disks=tuple(disks))]
+            return Effect(error=str(exc))
+        return Effect(disks=tuple(disks))
 
-    async def _migrate(self, e: ev.MigrationStarted):
+    async def _do_prep(self, e: ev.Claimed) -> Effect:
+        return await self._attempt(self.driver.create_probe(e.probe))
+
+    async def _do_resize_instance(self, e: ev.MigrationStarted) -> Effect:
         spec = e.spec
         old = InstanceSpec(uuid=e.instance_uuid, name=spec.name, flavor=spec.old_flavor)
-        power = RUNNING if spec.vm_state == "active" else SHUTDOWN
-        shared = spec.source == spec.dest
-        probed = shared
+        shared = probed = spec.source == spec.dest
         try:
             shared = shared or (bool(e.probe) and
                                 await self._call(self.driver.probe_exists(e.probe)))
@@ -260,121 +269,83 @@ class HostShell:
             disks = await self._call(self.driver.migrate_disk_and_power_off(
                 old, spec.new_flavor, shared, sink))
         except DriverError as exc:
-            rolled_back = await self._quietly(
-                self.driver.finish_revert_migration(old, power_on=power == RUNNING))
-            # Only a source that knew the storage was not shared may have sent disks.
-            return [_next(ev.Failed, e, step="migrate", reason=str(exc),
-                          rolled_back=rolled_back, power_state=power,
-                          shared_storage=shared, dest_copy=probed and not shared)]
-        return [_next(ev.DiskMigrated, e, shared_storage=shared, disks=tuple(disks))]
+            rolled_back = await self._quietly(self.driver.finish_revert_migration(
+                old, power_on=spec.vm_state == "active"))
+            return Effect(error=str(exc), rolled_back=rolled_back, shared=shared,
+                          probed=probed)
+        return Effect(shared=shared, probed=True, disks=tuple(disks))
 
-    async def _finish(self, e: ev.FinishStarted):
-        mig = self._mig(e)
-        new = InstanceSpec(uuid=e.instance_uuid, name=self._name_of(e.instance_uuid),
-                           flavor=mig.new_flavor)
-        power_on = mig.vm_state == "active"
+    async def _do_finish(self, e: ev.FinishStarted) -> Effect:
+        new = self._spec(e.instance_uuid, self._mig(e).new_flavor)
         await self._quietly(self.driver.remove_probe(probe_name(e.migration_id)))
         try:
             await self._call(self.driver.finish_migration(new, e.disks, e.shared_storage,
-                                                          power_on))
+                                                          self._power_on_after(e)))
         except DriverError as exc:
             rolled_back = await self._quietly(
                 self.driver.revert_migration_dest(e.instance_uuid, e.shared_storage))
-            return [_next(ev.Failed, e, step="finish", reason=str(exc),
-                          rolled_back=rolled_back)]
-        return [_next(ev.Finished, e, power_state=RUNNING if power_on else SHUTDOWN)]
+            return Effect(error=str(exc), rolled_back=rolled_back)
+        return Effect()
 
-    async def _cleanup(self, e, coro, outcome, **fields):
-        """A step that cannot be rolled back, only retried until it succeeds."""
-        try:
-            await self._call(coro)
-        except DriverError as exc:
-            self._last_error = f"{type(e).__name__} on {self.name}: {exc}"
-            return None
-        return [_next(outcome, e, **fields)]
+    async def _do_confirm(self, e: ev.ConfirmStarted) -> Effect:
+        return await self._attempt(self.driver.confirm_migration(e.instance_uuid,
+                                                                 e.shared_storage))
 
-    async def _confirm(self, e: ev.ConfirmStarted):
-        return await self._cleanup(e, self.driver.confirm_migration(
-            e.instance_uuid, e.shared_storage), ev.Confirmed)
+    async def _do_revert(self, e: ev.RevertStarted) -> Effect:
+        return await self._attempt(self.driver.revert_migration_dest(e.instance_uuid,
+                                                                     e.shared_storage))
 
-    async def _revert_dest(self, e: ev.RevertStarted):
-        return await self._cleanup(e, self.driver.revert_migration_dest(
-            e.instance_uuid, e.shared_storage), ev.DestReverted)
+    async def _do_finish_revert(self, e) -> Effect:
+        old = self._spec(e.instance_uuid, self._mig(e).old_flavor)
+        return await self._attempt(self.driver.finish_revert_migration(
+            old, self._power_on_after(e)))
 
-    async def _finish_revert(self, e: ev.RevertFinishStarted):
-        mig = self._mig(e)
-        power_on = mig.vm_state == "active"
-        return await self._cleanup(
-            e, self.driver.finish_revert_migration(self._old_spec(mig, e.instance_uuid),
-                                                   power_on),
-            ev.Reverted, power_state=RUNNING if power_on else SHUTDOWN)
+    _do_restore = _do_finish_revert
 
-    async def _restore(self, cmd: c.RestoreSource) -> Reply:
-        mig = self.state.migrations[cmd.migration_id]
-        power_on = mig.vm_state == "active"
-        try:
-            await self._call(self.driver.finish_revert_migration(
-                self._old_spec(mig, cmd.instance_uuid), power_on))
-        except DriverError as exc:
-            return Reply(command_id=cmd.command_id, ok=False, retryable=True,
-                         reason=f"restore on {self.name}: {exc}")
-        return await self._outcome_of(cmd, ev.SourceRestored,
-                                      power_state=RUNNING if power_on else SHUTDOWN)
+    async def _do_release(self, e: ev.ReleaseStarted) -> Effect:
+        await self._quietly(self.driver.remove_probe(probe_name(e.migration_id)))
+        if e.remove_disks and self._mig(e).source_compute != self.name:
+            # Drop what the source sent before it failed; never on shared storage,
+            # where the instance's own directory is the same one.
+            return await self._attempt(self.driver.destroy(e.instance_uuid))
+        return Effect()
 
-    async def _release(self, cmd: c.ReleaseClaim) -> Reply:
-        mig = self.state.migrations[cmd.migration_id]
-        if cmd.role == "dest":
-            await self._quietly(self.driver.remove_probe(probe_name(mig.id)))
-            if cmd.remove_disks and mig.source_compute != self.name:
-                # Drop what the source sent before it failed; never on shared storage,
-                # where the instance's own directory is the same one.
-                if not await self._quietly(self.driver.destroy(cmd.instance_uuid)):
-                    return Reply(command_id=cmd.command_id, ok=False, retryable=True,
-                                 reason=f"release on {self.name}: destroy failed")
-        return await self._outcome_of(cmd, ev.ClaimReleased, role=cmd.role,
-                                      reason=cmd.reason,
-                                      disks_removed=cmd.role == "dest" and cmd.remove_disks)
+    async def _do_stop(self, e: ev.PowerOffStarted) -> Effect:
+        # A clean shutdown gets half the step's time, then the driver forces it off.
+        return await self._attempt(self.driver.power_off(e.instance_uuid,
+                                                         timeout_s=self.step_timeout_s / 2))
 
-    async def _outcome_of(self, cmd, cls, **fields) -> Reply:
-        async with self._lock:
-            if cmd.command_id in self.commands:      # a duplicate got here first
-                return self._reply_from_log(cmd.command_id)
-            envs = await self._append([cls(command_id=cmd.command_id,
-                                           instance_uuid=cmd.instance_uuid,
-                                           instance_version=cmd.instance_version + 1,
-                                           migration_id=cmd.migration_id, **fields)])
-        return _reply(cmd.command_id, envs)
+    async def _do_start(self, e: ev.PowerOnStarted) -> Effect:
+        return await self._attempt(self.driver.power_on(e.instance_uuid))
+
+    async def _do_reboot(self, e: ev.RebootStarted) -> Effect:
+        return await self._attempt(self.driver.reboot(e.instance_uuid, e.hard,
+                                                      timeout_s=self.step_timeout_s / 2))
+
+    async def _do_delete(self, e: ev.DeleteStarted) -> Effect:
+        return await self._attempt(self.driver.destroy(e.instance_uuid))
 
     async def _quietly(self, coro) -> bool:
+        """A driver call whose failure the step survives (an undo, a probe removal)."""
         try:
             await self._call(coro)
             return True
-        except DriverError as exc:
-            self._last_error = str(exc)
+        except DriverError:
             return False
 
-    _last_error = ""
+
+_REFUSALS = (ev.ClaimRejected, ev.Failed, ev.SpawnFailed, ev.ActionFailed)
 
 
-def _next(cls, intent, **fields):
-    """The outcome of `intent`: same command, migration and instance, next version."""
-    kw = dict(command_id=intent.command_id, instance_uuid=intent.instance_uuid,
-              instance_version=intent.instance_version + 1)
-    if hasattr(intent, "migration_id"):
-        kw["migration_id"] = intent.migration_id
-    return cls(**kw, **fields)
-
-
-def _reply(command_id: str, envs: list[Envelope]) -> Reply:
+def _reply(command_id: str, envs: list[Envelope], failure: type | None = None) -> Reply:
+    """`ok` unless the last event is a refusal or the failure event of its step."""
     last = envs[-1].event if envs else None
-    ok = not isinstance(last, (ev.ClaimRejected, ev.Failed, ev.SpawnFailed))
+    ok = not isinstance(last, _REFUSALS) and (failure is None or type(last) is not failure)
     reason = getattr(last, "reason", "") if not ok else ""
     return Reply(command_id=command_id, ok=ok, events=envs, reason=reason)
 
 
-_EFFECTS = {
-    ev.SpawnStarted: "_spawn", ev.MigrationStarted: "_migrate",
-    ev.FinishStarted: "_finish", ev.ConfirmStarted: "_confirm",
-    ev.RevertStarted: "_revert_dest", ev.RevertFinishStarted: "_finish_revert",
-}
-_DIRECT = {c.RestoreSource: "_restore", c.ReleaseClaim: "_release"}
+def _opens(event) -> bool:
+    """An intent event opens a step; a claim logged before claims had an intent (no
+    `probe_pending`) did its work before it was logged and opens nothing."""
+    return not isinstance(event, ev.Claimed) or event.probe_pending

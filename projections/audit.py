@@ -15,9 +15,9 @@ import msgspec
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, Resources
 from vmresize.projections.fold import Projection, _LEDGER_EVENTS, apply, merge_logs
-from vmresize.projections.state import (FINISHED, CONFIRMING, MIGRATING, POST_MIGRATING,
-                                        PRE_MIGRATING, REVERTING, TRANSITIONS, ERROR,
-                                        claim_key, instance_key, source_key)
+from vmresize.projections.state import claim_key, instance_key, source_key
+from vmresize.protocol.states import MigrationStatus as MS
+from vmresize.protocol.table import TRANSITIONS
 
 INVARIANTS = {
     1: "capacity",          # no host holds more than capacity x ratio - reserved
@@ -118,7 +118,7 @@ class _Checker:
         elif after.status != old and after.status not in TRANSITIONS.get(old, ()):
             self.flag(3, f"migration {after.id}: {old} -> {after.status} "
                       f"({type(env.event).__name__}) is not a protocol step", env)
-        elif after.status == old and old != ERROR and before is not None and \
+        elif after.status == old and old != MS.ERROR and before is not None and \
                 before.final:
             self.flag(3, f"migration {after.id}: {type(env.event).__name__} after it "
                       f"ended ({old})", env)
@@ -217,22 +217,22 @@ def _expected_allocations(p: Projection, no_alloc: set[str]) -> dict[str, dict]:
 def _hold_for_migration(hold, mig, inst) -> None:
     src, dst, mid, uuid = mig.source_compute, mig.dest_compute, mig.id, inst.uuid
     status = mig.status
-    if status == PRE_MIGRATING:
+    if status == MS.PRE_MIGRATING:
         hold(src, instance_key(uuid), mig.old_resources)
         hold(dst, claim_key(mid), mig.new_resources)
-    elif status in (MIGRATING, POST_MIGRATING):
+    elif status in (MS.MIGRATING, MS.POST_MIGRATING):
         hold(src, source_key(mid), mig.old_resources)
         hold(dst, claim_key(mid), mig.new_resources)
-    elif status in (FINISHED, CONFIRMING, REVERTING):
+    elif status in (MS.FINISHED, MS.CONFIRMING, MS.REVERTING):
         hold(src, source_key(mid), mig.old_resources)
         if not mig.dest_reverted:
             hold(dst, instance_key(uuid), mig.new_resources)
-    elif status == ERROR:     # compensation under way: what each side still holds
+    elif status == MS.ERROR:     # compensation under way: what each side still holds
         if not mig.dest_settled:
             hold(dst, claim_key(mid), mig.new_resources)
         if mig.source_started and not mig.source_settled:
             hold(src, source_key(mid), mig.old_resources)
-        if mig.failed_step != "finish":
+        if not mig.resize_dir:     # else the source takes it back (restore)
             hold(inst.host, instance_key(uuid), inst.resources)
 
 

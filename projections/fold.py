@@ -17,23 +17,26 @@ import msgspec
 
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, RUNNING, SHUTDOWN
-from vmresize.projections.state import (
-    CONFIRMED, CONFIRMING, ERROR, FINISHED, MIGRATING, NOSTATE, POST_MIGRATING,
-    PRE_MIGRATING, REVERTED, REVERTING, Instance, Ledger, Migration, claim_key,
-    instance_key, source_key)
+from vmresize.projections.state import (Instance, Ledger, Migration, claim_key,
+                                        instance_key, source_key)
+from vmresize.protocol.states import NOSTATE, MigrationStatus, Step, TaskState, VmState
+from vmresize.protocol.table import DEST_STEPS, EVENTS, KEEP, SOURCE_STEPS
+
+MIGRATING, PRE_MIGRATING = MigrationStatus.MIGRATING, MigrationStatus.PRE_MIGRATING
 
 replace = msgspec.structs.replace
 
 
 def _vm_state(power_state: int) -> str:
-    return "active" if power_state == RUNNING else "stopped"
+    return VmState.ACTIVE if power_state == RUNNING else VmState.STOPPED
 
 
 # --------------------------------------------------------------------------- instances
 
 def _spawn_started(inst, e: ev.SpawnStarted, env):
     return Instance(uuid=e.instance_uuid, name=e.name, host=env.host, flavor=e.flavor,
-                    vm_state="building", task_state="spawning", power_state=NOSTATE,
+                    vm_state=VmState.BUILDING, task_state=TaskState.SPAWNING,
+                    power_state=NOSTATE,
                     version=e.instance_version, resources=e.resources)
 
 
@@ -44,7 +47,7 @@ def _claimed(inst, e: ev.Claimed, env):
                         flavor=s.old_flavor, vm_state=s.vm_state, task_state=None,
                         power_state=RUNNING if s.vm_state == "active" else SHUTDOWN,
                         version=0, resources=s.old_resources)
-    return replace(inst, task_state="resize_prep", migration_id=e.migration_id)
+    return replace(inst, task_state=TaskState.RESIZE_PREP, migration_id=e.migration_id)
 
 
 def _migration_started(inst, e: ev.MigrationStarted, env):
@@ -54,7 +57,7 @@ def _migration_started(inst, e: ev.MigrationStarted, env):
                         flavor=s.old_flavor, vm_state=s.vm_state, task_state=None,
                         power_state=RUNNING if s.vm_state == "active" else SHUTDOWN,
                         version=0, resources=s.old_resources)
-    return replace(inst, task_state="resize_migrating", migration_id=e.migration_id)
+    return replace(inst, task_state=TaskState.RESIZE_MIGRATING, migration_id=e.migration_id)
 
 
 def _restored(inst, mig: Migration | None, power_state: int, **extra):
@@ -69,7 +72,9 @@ def _restored(inst, mig: Migration | None, power_state: int, **extra):
 
 def evolve_instance(inst: Instance | None, env: Envelope,
                     mig: Migration | None = None) -> Instance | None:
-    """The instance after `env.event`; `mig` is its migration before the event."""
+    """The instance after `env.event`; `mig` is its migration after the event. The
+    task_state an event sets comes from the protocol table; the rest from the steps
+    below."""
     e = env.event
     t = type(e)
     if t is ev.SpawnStarted:
@@ -80,45 +85,55 @@ def evolve_instance(inst: Instance | None, env: Envelope,
         inst = _migration_started(inst, e, env)
     elif inst is None:
         return None     # a host that never saw the instance's earlier events
-    else:
-        inst = _INSTANCE_STEPS[t](inst, e, mig)
+    task = _TASK_STATE.get(t, KEEP)
+    if task is not KEEP:
+        inst = replace(inst, task_state=task)
+    step = _INSTANCE_STEPS.get(t)
+    if step is not None:
+        inst = step(inst, e, mig)
     return replace(inst, version=e.instance_version)
 
 
 def _failed(inst, e: ev.Failed, mig):
-    if e.step == "finish":     # the source still has to take the instance back
-        return replace(inst, task_state="resize_reverting")
-    if e.step in ("confirm", "revert"):     # the instance stays on the destination
-        return replace(inst, vm_state="error", task_state=None, migration_id="")
+    if e.step == Step.FINISH:     # the source still has to take the instance back
+        return replace(inst, task_state=TaskState.RESIZE_REVERTING)
+    if e.step in (Step.CONFIRM, Step.REVERT):     # the instance stays on the destination
+        return replace(inst, vm_state=VmState.ERROR, task_state=None, migration_id="")
     if not e.rolled_back:
-        return _restored(inst, mig, e.power_state, vm_state="error")
+        return _restored(inst, mig, e.power_state, vm_state=VmState.ERROR)
     return _restored(inst, mig, e.power_state)
 
 
+def _action_failed(inst, e: ev.ActionFailed, mig):
+    # A failed delete leaves an instance in error that still holds its resources.
+    return replace(inst, vm_state=VmState.ERROR) if e.step == Step.DELETE else inst
+
+
+_TASK_STATE = {t: r.task_state for t, r in EVENTS.items()
+               if t not in (ev.SpawnStarted, ev.Claimed, ev.MigrationStarted)}
+
 _INSTANCE_STEPS = {
     ev.Spawned: lambda i, e, m: replace(i, vm_state=_vm_state(e.power_state),
-                                        task_state=None, power_state=e.power_state),
-    ev.SpawnFailed: lambda i, e, m: replace(i, vm_state="error", task_state=None,
-                                            power_state=NOSTATE),
-    ev.PoweredOff: lambda i, e, m: replace(i, vm_state="stopped", power_state=SHUTDOWN),
-    ev.PoweredOn: lambda i, e, m: replace(i, vm_state="active", power_state=RUNNING),
-    ev.Deleted: lambda i, e, m: replace(i, deleted=True, task_state=None),
+                                        power_state=e.power_state),
+    ev.SpawnFailed: lambda i, e, m: replace(i, vm_state=VmState.ERROR, power_state=NOSTATE),
+    ev.PoweredOff: lambda i, e, m: replace(i, vm_state=VmState.STOPPED, power_state=SHUTDOWN),
+    ev.PoweredOn: lambda i, e, m: replace(i, vm_state=VmState.ACTIVE, power_state=RUNNING),
+    ev.RebootStarted: lambda i, e, m: replace(i, task_state=TaskState.REBOOTING_HARD)
+    if e.hard else i,
+    ev.Rebooted: lambda i, e, m: replace(i, vm_state=VmState.ACTIVE, power_state=RUNNING),
+    ev.Deleted: lambda i, e, m: replace(i, deleted=True, vm_state=VmState.DELETED,
+                                        power_state=NOSTATE),
+    ev.ActionFailed: _action_failed,
     ev.ClaimReleased: lambda i, e, m: replace(i, task_state=None, migration_id="")
-    if i.task_state == "resize_prep" else i,
+    if i.task_state == TaskState.RESIZE_PREP else i,
     ev.DiskMigrated: lambda i, e, m: replace(
-        i, task_state="resize_migrated", power_state=SHUTDOWN,
-        host=m.dest_compute if m else i.host),
-    ev.FinishStarted: lambda i, e, m: replace(i, task_state="resize_finish"),
+        i, power_state=SHUTDOWN, host=m.dest_compute if m else i.host),
     ev.Finished: lambda i, e, m: replace(
-        i, vm_state="resized", task_state=None, power_state=e.power_state,
+        i, vm_state=VmState.RESIZED, power_state=e.power_state,
         host=m.dest_compute if m else i.host, flavor=m.new_flavor if m else i.flavor,
         resources=m.new_resources if m else i.resources),
-    ev.ConfirmStarted: lambda i, e, m: i,
-    ev.Confirmed: lambda i, e, m: replace(i, vm_state=m.vm_state if m else "active",
+    ev.Confirmed: lambda i, e, m: replace(i, vm_state=m.vm_state if m else VmState.ACTIVE,
                                           migration_id=""),
-    ev.RevertStarted: lambda i, e, m: replace(i, task_state="resize_reverting"),
-    ev.DestReverted: lambda i, e, m: i,
-    ev.RevertFinishStarted: lambda i, e, m: i,
     ev.Reverted: lambda i, e, m: _restored(i, m, e.power_state),
     ev.Failed: _failed,
     ev.SourceRestored: lambda i, e, m: _restored(i, m, e.power_state),
@@ -137,21 +152,19 @@ def _new_migration(e, status: str, wall_time: float) -> Migration:
                      new_resources=s.new_resources, vm_state=s.vm_state)
 
 
-_MIGRATION_STATUS = {
-    ev.ClaimReleased: ERROR, ev.MigrationStarted: MIGRATING,
-    ev.DiskMigrated: POST_MIGRATING, ev.FinishStarted: POST_MIGRATING,
-    ev.Finished: FINISHED, ev.ConfirmStarted: CONFIRMING, ev.Confirmed: CONFIRMED,
-    ev.RevertStarted: REVERTING, ev.DestReverted: REVERTING,
-    ev.RevertFinishStarted: REVERTING, ev.Reverted: REVERTED, ev.Failed: ERROR,
-    ev.SourceRestored: ERROR,
-}
+# Each migration event's status, from the protocol table (Claimed creates the record).
+_MIGRATION_STATUS = {t: r.migration for t, r in EVENTS.items()
+                     if r.migration is not KEEP and t is not ev.Claimed}
 
 
 def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
     e = env.event
     t = type(e)
     if t is ev.Claimed:
-        return _new_migration(e, PRE_MIGRATING, env.wall_time)
+        return replace(_new_migration(e, PRE_MIGRATING, env.wall_time),
+                       claim_ready=not e.probe_pending)
+    if t is ev.ProbeCreated:
+        return replace(mig, claim_ready=True) if mig is not None else None
     status = _MIGRATION_STATUS.get(t)
     if status is None:
         return mig
@@ -171,15 +184,18 @@ def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
         changes.update(dest_copy=False, dest_reverted=True)
     elif t is ev.Failed and e.step == "finish" and e.rolled_back:
         changes.update(dest_copy=False)
-    elif t is ev.ClaimReleased and e.role == "dest" and e.disks_removed:
-        changes.update(dest_copy=False)
+    elif t is ev.ClaimReleased:
+        if e.role == "dest" and e.disks_removed:
+            changes.update(dest_copy=False)
+        if not mig.reason:
+            changes.update(reason=e.reason)
     elif t is ev.MigrationStarted:
         changes.update(source_started=True)
     if t in _DEST_SETTLES or (t is ev.ClaimReleased and e.role == "dest") or (
-            t is ev.Failed and e.step in ev.DEST_STEPS):
+            t is ev.Failed and e.step in DEST_STEPS):
         changes.update(dest_settled=True)
     if t in _SOURCE_SETTLES or (t is ev.ClaimReleased and e.role == "source") or (
-            t is ev.Failed and e.step in ev.SOURCE_STEPS):
+            t is ev.Failed and e.step in SOURCE_STEPS):
         changes.update(source_settled=True)
     if t is ev.Failed:
         changes.update(failed_step=e.step, reason=e.reason)
@@ -190,6 +206,7 @@ def evolve_migration(mig: Migration | None, env: Envelope) -> Migration | None:
 
 
 _DEST_SETTLES = frozenset({ev.Finished, ev.DestReverted})
+
 _SOURCE_SETTLES = frozenset({ev.SourceRestored, ev.Confirmed, ev.Reverted})
 
 
@@ -240,7 +257,7 @@ def _ledger_changes(allocs: dict, e) -> ev.Resources:
     if t is ev.ClaimReleased:
         return _pop(allocs, claim_key(mid) if e.role == "dest" else source_key(mid))
     if t is ev.Failed:
-        if e.step in ev.DEST_STEPS:
+        if e.step in DEST_STEPS:
             return _pop(allocs, claim_key(mid))
         if e.step == "confirm":
             return _pop(allocs, source_key(mid))
@@ -333,11 +350,6 @@ def fold(envelopes: Iterable[Envelope], projection: Projection | None = None) ->
 
 def evolve(projection: Projection, env: Envelope) -> Projection:
     return fold((env,), projection)
-
-
-def _version_key(env: Envelope):
-    e = env.event
-    return getattr(e, "instance_version", 0)
 
 
 def merge_logs(logs: dict[str, Iterable[Envelope]],
