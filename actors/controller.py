@@ -6,11 +6,11 @@ destination and the source to revert. It logs every request (deduplicated by req
 id) and every destination it chose in its own log, and learns the cluster's state from
 the events the hosts return, folded by the same projections the auditor uses.
 
-Each migration is driven by `_reconcile`, which looks at the migration's projected state
-and sends the one command that moves it on. Command ids are derived from the migration id
-and the step, so after a lost reply, a host crash or the controller's own restart the
-same command is sent again and the host answers it from its log. The controller never
-gives up on a host that is down: it retries with a bounded backoff until it answers.
+Each request is driven by `_run`, which asks the pure planner (actors/planner.py) for the
+next action (one command to one host, a destination to log, another request to wait for,
+or the end) and carries it out: the controller only sends, waits and records. The
+controller never gives up on a host that is down: it retries with a bounded backoff
+until it answers.
 """
 from __future__ import annotations
 
@@ -19,17 +19,19 @@ from typing import Awaitable, Callable, Protocol
 
 import msgspec
 
-from vmresize.protocol import commands as c
-from vmresize.protocol.commands import Reply
-from vmresize.actors.host import probe_name
+from vmresize.actors.planner import (Answer, Choose, Ctx, End, Request, Send, WaitFor,
+                                     candidates, plan)
+from vmresize.config import Options
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_controller, encode
 from vmresize.events.log import load_snapshot, save_snapshot
-from vmresize.events.schema import ControllerEnvelope, Flavor, MigrationSpec, Resources
+from vmresize.events.schema import ControllerEnvelope, Flavor, Resources
 from vmresize.projections.fold import Projection, apply, merge_logs
-from vmresize.projections.state import (CONFIRMED, ERROR, FINISHED, MIGRATING,
-                                        POST_MIGRATING, PRE_MIGRATING, REVERTED, REVERTING,
-                                        Instance, Ledger, Migration)
+from vmresize.projections.state import Instance, Ledger, Migration
+from vmresize.protocol import commands as c
+from vmresize.protocol.commands import Reply
+from vmresize.protocol.states import MigrationStatus as MS
+from vmresize.protocol.table import refuse_operation, same_host_refusal
 
 
 MAX_STEPS = 64      # a migration takes at most ~10 steps; more means a protocol bug
@@ -75,16 +77,6 @@ class HostInfo(msgspec.Struct, frozen=True):
     limit: Resources = ev.ZERO
 
 
-class Options(msgspec.Struct, frozen=True):
-    allow_resize_to_same_host: bool = False
-    resize_confirm_window_s: float = 0
-    max_attempts: int = 3
-    step_timeout_s: float = 60
-    cleanup_attempts: int = 5
-    retry_backoff_s: float = 0.5
-    retry_backoff_max_s: float = 5.0
-
-
 class HostEntry(msgspec.Struct, frozen=True):
     name: str
     driver: str
@@ -92,25 +84,8 @@ class HostEntry(msgspec.Struct, frozen=True):
     limit: Resources
 
 
-class _Request(msgspec.Struct):
-    """An open request as the controller's log says."""
-    request_id: str
-    kind: str                  # boot | resize | confirm | revert
-    instance_uuid: str = ""
-    migration_id: str = ""
-    name: str = ""
-    flavor: str = ""
-    host: str = ""
-    stopped: bool = False
-    migration_type: str = "resize"
-    created_at: float = 0.0
-    attempts: list[str] = []   # destinations chosen so far (resize) or hosts tried (boot)
-    ended: bool = False
-    ok: bool = False
-    outcome: str = ""
-
-
 class Controller:
+    plan = staticmethod(plan)       # the pure planner (a test may give a broken one)
     def __init__(self, *, log, transport: Transport, hosts: list[HostEntry],
                  flavors: dict[str, Flavor], options: Options,
                  clock: Callable[[], float], sleep: Callable[[float], Awaitable],
@@ -134,10 +109,13 @@ class Controller:
         self.snapshot_dir = snapshot_dir
         self.snapshot_every = snapshot_every
         self.disks: dict[str, tuple] = {}          # migration id -> DiskMigrated.disks
-        self.requests: dict[str, _Request] = {}
-        self.by_migration: dict[str, _Request] = {}
-        self.open_resizes: dict[str, _Request] = {}     # instance uuid -> open resize
-        self.open_finishes: dict[str, _Request] = {}    # migration id -> open confirm/revert
+        self.requests: dict[str, Request] = {}
+        self.by_migration: dict[str, Request] = {}
+        self.open_resizes: dict[str, Request] = {}     # instance uuid -> open resize
+        self.open_finishes: dict[str, Request] = {}    # migration id -> open confirm/revert
+        self.open_actions: dict[str, Request] = {}     # instance uuid -> open stop/start/reboot
+        self.open_deletes: dict[str, Request] = {}     # instance uuid -> open delete
+        self.open_boots: dict[str, Request] = {}       # instance uuid -> open boot
         self.names: dict[str, str] = {}                 # instance name -> uuid
         self.booting: set[str] = set()                  # names of boots not yet ended
         self._free_cache: dict[str, tuple] = {}
@@ -153,11 +131,19 @@ class Controller:
         t = type(e)
         if t is ev.BootRequested:
             self.booting.add(e.name)
-            self.requests[e.request_id] = _Request(
+            r = self.requests[e.request_id] = Request(
                 e.request_id, "boot", e.instance_uuid, name=e.name, flavor=e.flavor,
                 host=e.host, stopped=e.stopped, created_at=env.wall_time)
+            self.open_boots[e.instance_uuid] = r
+        elif t is ev.ActionRequested:
+            inst = self.view.instances.get(e.instance_uuid)
+            r = self.requests[e.request_id] = Request(
+                e.request_id, "action", e.instance_uuid, name=inst.name if inst else "",
+                action=e.action, hard=e.hard, created_at=env.wall_time)
+            (self.open_deletes if e.action == "delete" else self.open_actions)[
+                e.instance_uuid] = r
         elif t is ev.ResizeRequested:
-            r = _Request(e.request_id, "resize", e.instance_uuid, e.migration_id,
+            r = Request(e.request_id, "resize", e.instance_uuid, e.migration_id,
                          flavor=e.new_flavor, host=e.host, migration_type=e.migration_type,
                          created_at=e.created_at or env.wall_time)
             self.requests[e.request_id] = r
@@ -165,7 +151,7 @@ class Controller:
             self.open_resizes[e.instance_uuid] = r
         elif t in (ev.ConfirmRequested, ev.RevertRequested):
             kind = "confirm" if t is ev.ConfirmRequested else "revert"
-            r = self.requests[e.request_id] = _Request(e.request_id, kind,
+            r = self.requests[e.request_id] = Request(e.request_id, kind,
                                                        migration_id=e.migration_id)
             self.open_finishes[e.migration_id] = r
         elif t is ev.DestinationChosen:
@@ -177,6 +163,9 @@ class Controller:
                 del self.open_resizes[r.instance_uuid]
             if self.open_finishes.get(r.migration_id) is r:
                 del self.open_finishes[r.migration_id]
+            for index in (self.open_actions, self.open_deletes, self.open_boots):
+                if index.get(r.instance_uuid) is r:
+                    del index[r.instance_uuid]
             if r.kind == "boot":
                 self.booting.discard(r.name)
 
@@ -220,7 +209,7 @@ class Controller:
             if not r.ended:
                 self._drive(r)
         for mig in self.view.migrations.values():
-            if mig.status == FINISHED:
+            if mig.status == MS.FINISHED:
                 self._arm_auto_confirm(mig)
 
     async def _pull(self, host: str, offset: int = 0) -> list:
@@ -253,6 +242,10 @@ class Controller:
             self.down_until.pop(host, None)
             self.learn(reply.events)
             self.maybe_snapshot()
+            if not reply.ok and reply.retryable and not reply.events:
+                await self.sleep(delay)      # another step of the instance is under way
+                delay = min(delay * 2, self.opt.retry_backoff_max_s)
+                continue
             return reply
 
     async def _send_cleanup(self, host: str, cmd, step: str) -> Reply:
@@ -267,7 +260,7 @@ class Controller:
                                 instance_uuid=cmd.instance_uuid,
                                 instance_version=self._version(cmd.instance_uuid),
                                 migration_id=cmd.migration_id, step=step,
-                                reason=reply.reason)
+                                reason=reply.reason, abandons=cmd.command_id)
         return await self._send(host, abandon)
 
     # ------------------------------------------------------------------ snapshots
@@ -318,6 +311,12 @@ class Controller:
 
     def instance_by_name(self, name: str) -> Instance:
         inst = self.view.instances.get(self.names.get(name, ""))
+        if inst is not None and inst.deleted:
+            # A name booted again after a delete; host events may arrive in any order.
+            inst = next((i for i in self.view.instances.values()
+                         if i.name == name and not i.deleted), None)
+            if inst is not None:
+                self.names[name] = inst.uuid
         if inst is None or inst.deleted:
             raise OperationError(f"no instance named {name!r}")
         return inst
@@ -331,11 +330,11 @@ class Controller:
             raise OperationError(f"no migration {mid!r}")
         return self._pending_migration(r)
 
-    def _pending_migration(self, r: _Request) -> Migration:
+    def _pending_migration(self, r: Request) -> Migration:
         """A migration that no host has claimed yet (scheduling, or NoValidHost)."""
         inst = self.view.instances.get(r.instance_uuid)
         old = inst.flavor if inst else self.flavors.get(r.flavor)
-        status = ERROR if r.ended else PRE_MIGRATING
+        status = MS.ERROR if r.ended else MS.PRE_MIGRATING
         return Migration(id=r.migration_id, instance_uuid=r.instance_uuid,
                          dest_settled=r.ended, source_settled=r.ended,
                          source_compute=inst.host if inst else "",
@@ -388,21 +387,10 @@ class Controller:
 
     def candidates(self, need: Resources, source: str, exclude: set[str],
                    forced: str = "") -> list[str]:
-        """Filters: host up, fits with ratios, same-host policy. Weigher: spread (the
-        host with the most free memory first)."""
         now = self.clock()
-        same_host = self.opt.allow_resize_to_same_host
-        out = []
-        for name in ([forced] if forced else self.hosts):
-            if name in exclude or now < self.down_until.get(name, 0.0):
-                continue
-            if name == source and not same_host:
-                continue
-            free = self._free(name)
-            if need.fits_in(free):
-                out.append((-free.memory_mb, -free.vcpus, name))
-        out.sort()
-        return [name for _, _, name in out]
+        down = {h for h, until in self.down_until.items() if now < until}
+        return candidates(self.view, self.hosts, down, need, source, exclude, forced,
+                          self.opt.allow_resize_to_same_host, self._free)
 
     # ------------------------------------------------------------------ intents
 
@@ -424,7 +412,11 @@ class Controller:
         if request_id not in self.requests:
             self._flavor(flavor)
             self._check_host(host)
-            if name in self.names or name in self.booting:
+            try:
+                live = self.instance_by_name(name)
+            except OperationError:
+                live = None
+            if live is not None or name in self.booting:
                 raise OperationError(f"an instance named {name!r} already exists")
             await self._log(ev.BootRequested(request_id=request_id,
                                              instance_uuid=self.new_id(), name=name,
@@ -456,18 +448,16 @@ class Controller:
         inst = self.instance_by_name(name)
         new = self._flavor(flavor) if flavor else inst.flavor
         self._check_host(host)
-        if inst.vm_state not in ("active", "stopped") or inst.task_state:
-            raise OperationError(f"instance {name!r} is {inst.vm_state}"
-                                 f"{'/' + inst.task_state if inst.task_state else ''}; "
-                                 f"a resize needs it active or stopped")
+        kind = "migration" if new == inst.flavor else "resize"
         busy = self.open_migration_of(inst.uuid)
         if busy is not None:
             raise OperationError(f"instance {name!r} is already in migration {busy.id} "
                                  f"({busy.status})")
-        if host == inst.host and not self.opt.allow_resize_to_same_host:
-            raise OperationError(f"--host {host}: resize to the same host is not allowed "
-                                 f"(allow_resize_to_same_host is false)")
-        kind = "migration" if new == inst.flavor else "resize"
+        self._refuse_if_busy(kind if kind == "resize" else "migrate", inst)
+        if host:
+            same = same_host_refusal(inst.host, host, self.opt.allow_resize_to_same_host)
+            if same:
+                raise OperationError(f"--host {host}: {same}")
         await self._log(ev.ResizeRequested(request_id=request_id,
                                            migration_id=self.new_id(),
                                            instance_uuid=inst.uuid, new_flavor=new.name,
@@ -489,7 +479,7 @@ class Controller:
             if busy is not None:
                 raise OperationError(f"cannot {kind} {name!r}: a {busy.kind} of "
                                      f"migration {mig.id} is under way")
-            if mig is None or mig.status != FINISHED:
+            if mig is None or mig.status != MS.FINISHED:
                 state = f"{inst.vm_state}" + (f", migration {mig.status}" if mig else "")
                 raise OperationError(f"cannot {kind} {name!r}: it is not waiting in "
                                      f"VERIFY_RESIZE ({state})")
@@ -500,6 +490,43 @@ class Controller:
         if not r.ok:
             raise OperationError(r.outcome)
         return self.migration(r.migration_id)
+
+    def _refuse_if_busy(self, op: str, inst: Instance) -> None:
+        """The protocol table's legality of a user operation, and one at a time."""
+        why = refuse_operation(op, inst.name, inst.vm_state, inst.task_state, inst.deleted)
+        if why:
+            raise OperationError(why)
+        if op == "delete":
+            return
+        busy = self.open_actions.get(inst.uuid) or self.open_deletes.get(inst.uuid)
+        if busy is not None:
+            raise OperationError(f"cannot {op} {inst.name!r}: a {busy.action} of it is "
+                                 f"under way")
+
+    async def act(self, name: str, action: str, hard: bool = False,
+                  request_id: str | None = None) -> Instance:
+        """stop | start | reboot (`hard`) | delete of the instance named `name`; returns
+        it. Delete confirms a resize waiting in VERIFY_RESIZE first and rolls back one
+        under way first (both ends release), so nothing is left held."""
+        request_id = request_id or self.new_id()
+        if request_id not in self.requests:
+            inst = self.instance_by_name(name)
+            joined = self.open_deletes.get(inst.uuid) if action == "delete" else None
+            if joined is not None:
+                request_id = joined.request_id      # one delete at a time: join it
+            else:
+                if action != "delete" and self.open_migration_of(inst.uuid) is not None:
+                    raise OperationError(f"cannot {action} {name!r}: it is in a "
+                                         f"migration ({inst.vm_state}/{inst.task_state})")
+                self._refuse_if_busy(action, inst)
+                await self._log(ev.ActionRequested(request_id=request_id,
+                                                   instance_uuid=inst.uuid,
+                                                   action=action, hard=hard))
+        r = self.requests[request_id]
+        await self._wait(self._drive(r))
+        if not r.ok:
+            raise OperationError(r.outcome)
+        return self.view.instances[r.instance_uuid]
 
     async def wait_migration(self, mid: str) -> Migration:
         """Wait until the resize request of `mid` ended; raise if it failed."""
@@ -516,158 +543,56 @@ class Controller:
 
     # ------------------------------------------------------------------ driving
 
-    def _drive(self, r: _Request):
+    def _drive(self, r: Request):
         task = self.tasks.get(r.request_id)
         if task is None or (task.done() and not r.ended):
-            coro = {"boot": self._run_boot, "resize": self._run_resize,
-                    "confirm": self._run_confirm, "revert": self._run_revert}[r.kind](r)
-            task = self._spawn_task(coro)
+            task = self._spawn_task(self._run(r))
             self.tasks[r.request_id] = task
         return task
 
-    async def _end(self, r: _Request, ok: bool, outcome: str = "") -> None:
-        if not r.ended:
-            await self._log(ev.RequestEnded(request_id=r.request_id, ok=ok, outcome=outcome,
-                                            migration_id=r.migration_id))
+    def _ctx(self) -> Ctx:
+        now = self.clock()
+        down = {h for h, until in self.down_until.items() if now < until}
+        return Ctx(view=self.view, flavors=self.flavors, max_attempts=self.opt.max_attempts,
+                   cleanup_attempts=self.opt.cleanup_attempts,
+                   allow_same_host=self.opt.allow_resize_to_same_host, disks=self.disks,
+                   open_resizes=self.open_resizes, open_finishes=self.open_finishes,
+                   open_actions=self.open_actions, open_deletes=self.open_deletes,
+                   open_boots=self.open_boots, image=self.image,
+                   candidates=lambda need, source, exclude, forced: candidates(
+                       self.view, self.hosts, down, need, source, exclude, forced,
+                       self.opt.allow_resize_to_same_host, self._free))
 
-    async def _run_boot(self, r: _Request) -> None:
-        flavor = self.flavors[r.flavor]
-        tried: set[str] = set()
-        for attempt in range(self.opt.max_attempts):
-            inst = self.view.instances.get(r.instance_uuid)
-            if inst is not None and inst.vm_state != "building":
-                break
-            if inst is not None:           # spawn logged, outcome pending: ask again
-                host = inst.host
-            else:
-                hosts = self.candidates(flavor.resources(), "", tried, r.host)
-                if not hosts:
-                    break
-                host = hosts[0]
-            tried.add(host)
-            cmd = c.Spawn(command_id=f"{r.instance_uuid}:spawn:{host}",
-                          instance_uuid=r.instance_uuid, instance_version=0, name=r.name,
-                          flavor=flavor, stopped=r.stopped, image=self.image)
-            await self._send(host, cmd)
-        inst = self.view.instances.get(r.instance_uuid)
-        if inst is None:
-            where = f"host {r.host}" if r.host else f"any of {len(self.hosts)} hosts"
-            await self._end(r, False, f"no valid host: {r.name} ({r.flavor}) fits on "
-                                      f"no {where}")
-        elif inst.vm_state == "error":
-            await self._end(r, False, f"spawn of {r.name} failed on {inst.host}")
-        else:
-            await self._end(r, True)
-
-    async def _run_resize(self, r: _Request) -> None:
+    async def _run(self, r: Request) -> None:
+        """Ask the planner for the next action and carry it out, until the request ends."""
         for _ in range(MAX_STEPS):
             if r.ended:
                 return
-            mig = self.view.migrations.get(r.migration_id)
-            if mig is None:
-                if not await self._claim(r):
-                    return
-            elif mig.status == PRE_MIGRATING:
-                await self._resize_instance(r, mig)
-            elif mig.status in (MIGRATING, POST_MIGRATING):
-                if mig.disk_migrated:
-                    await self._finish_resize(mig)
-                else:
-                    await self._resize_instance(r, mig)
-            elif mig.status == FINISHED:
-                self._arm_auto_confirm(mig)
-                await self._end(r, True)
-            elif mig.status == ERROR:
-                await self._compensate(mig)
-                await self._end(r, False, f"{mig.migration_type} of "
-                                          f"{self._name(mig)} failed: {mig.reason}")
-            else:     # confirmed or reverted by someone else meanwhile
-                await self._end(r, True)
+            action = self.plan(self._ctx(), r)
+            if isinstance(action, End):
+                await self._end(r, action.ok, action.outcome)
+            elif isinstance(action, Choose):
+                await self._log(ev.DestinationChosen(
+                    request_id=r.request_id, migration_id=r.migration_id,
+                    dest=action.dest, attempt=len(r.attempts) + 1))
+            elif isinstance(action, WaitFor):
+                await self._wait(self._drive(self.requests[action.request_id]))
+            else:
+                if action.attempt:
+                    r.attempts.append(action.host)
+                reply = await self._deliver(action)
+                r.answers[action.cmd.command_id] = Answer(reply.ok, reply.reason,
+                                                          len(reply.events))
         if not r.ended:
-            raise AssertionError(f"migration {r.migration_id} did not settle in "
+            raise AssertionError(f"request {r.request_id} ({r.kind}) did not settle in "
                                  f"{MAX_STEPS} steps")
 
-    def _name(self, mig: Migration) -> str:
-        inst = self.view.instances.get(mig.instance_uuid)
-        return inst.name if inst else mig.instance_uuid
-
-    async def _claim(self, r: _Request) -> bool:
-        """Try destinations until one claims; False after NoValidHost."""
-        inst = self.view.instances[r.instance_uuid]
-        new = self.flavors[r.flavor]
-        while True:
-            if r.attempts:      # a destination was chosen: ask it (again, after a restart)
-                dest = r.attempts[-1]
-                await self._send(dest, self._prep(r, inst, new, dest))
-                if r.migration_id in self.view.migrations:
-                    return True
-                if len(r.attempts) >= self.opt.max_attempts:
-                    break
-            hosts = self.candidates(new.resources(), inst.host, set(r.attempts), r.host)
-            if not hosts:
-                break
-            await self._log(ev.DestinationChosen(request_id=r.request_id,
-                                                 migration_id=r.migration_id,
-                                                 dest=hosts[0], attempt=len(r.attempts) + 1))
-        tried = ", ".join(r.attempts) or "none fits"
-        await self._end(r, False, f"no valid host for {inst.name} ({r.flavor}) after "
-                                  f"{len(r.attempts)} attempt(s): {tried}")
-        return False
-
-    def _prep(self, r: _Request, inst: Instance, new: Flavor, dest: str) -> c.PrepResize:
-        spec = MigrationSpec(name=inst.name, source=inst.host, dest=dest,
-                             old_flavor=inst.flavor, new_flavor=new,
-                             old_resources=inst.resources, new_resources=new.resources(),
-                             migration_type=r.migration_type,
-                             vm_state=inst.vm_state if inst.vm_state in ("active", "stopped")
-                             else "active", created_at=r.created_at)
-        return c.PrepResize(command_id=f"{r.migration_id}:prep:{len(r.attempts)}",
-                            instance_uuid=inst.uuid, instance_version=inst.version,
-                            migration_id=r.migration_id, spec=spec,
-                            allow_same_host=self.opt.allow_resize_to_same_host)
-
-    def _spec(self, mig: Migration) -> MigrationSpec:
-        return MigrationSpec(name=self._name(mig), source=mig.source_compute,
-                             dest=mig.dest_compute, old_flavor=mig.old_flavor,
-                             new_flavor=mig.new_flavor, old_resources=mig.old_resources,
-                             new_resources=mig.new_resources,
-                             migration_type=mig.migration_type, vm_state=mig.vm_state,
-                             created_at=mig.created_at)
-
-    async def _resize_instance(self, r: _Request, mig: Migration) -> None:
-        cmd = c.ResizeInstance(command_id=f"{mig.id}:resize", instance_uuid=mig.instance_uuid,
-                               instance_version=self._version(mig.instance_uuid),
-                               migration_id=mig.id, spec=self._spec(mig),
-                               probe=probe_name(mig.id))
-        reply = await self._send(mig.source_compute, cmd)
-        if not reply.ok and not reply.events:
-            # Refused before anything happened (stale version, wrong host): undo the claim.
-            await self._release(mig, "dest", reply.reason)
-
-    async def _finish_resize(self, mig: Migration) -> None:
-        cmd = c.FinishResize(command_id=f"{mig.id}:finish", instance_uuid=mig.instance_uuid,
-                             instance_version=self._version(mig.instance_uuid),
-                             migration_id=mig.id, disks=self.disks.get(mig.id, ()),
-                             shared_storage=mig.shared_storage)
-        reply = await self._send(mig.dest_compute, cmd)
-        if not reply.ok and not reply.events:
-            await self._release(mig, "dest", reply.reason)
-            await self._restore(self.view.migrations[mig.id])
-
-    async def _release(self, mig: Migration, role: str, reason: str) -> None:
-        host = mig.dest_compute if role == "dest" else mig.source_compute
-        cmd = c.ReleaseClaim(command_id=f"{mig.id}:release-{role}",
-                             instance_uuid=mig.instance_uuid,
-                             instance_version=self._version(mig.instance_uuid),
-                             migration_id=mig.id, role=role, reason=reason,
-                             remove_disks=role == "dest" and mig.dest_copy)
-        await self._send_until_ok(host, cmd)
-
-    async def _restore(self, mig: Migration) -> None:
-        cmd = c.RestoreSource(command_id=f"{mig.id}:restore", instance_uuid=mig.instance_uuid,
-                              instance_version=self._version(mig.instance_uuid),
-                              migration_id=mig.id)
-        await self._send_cleanup(mig.source_compute, cmd, "restore")
+    async def _deliver(self, action: Send) -> Reply:
+        if action.mode == "cleanup":
+            return await self._send_cleanup(action.host, action.cmd, action.step)
+        if action.mode == "until_ok":
+            return await self._send_until_ok(action.host, action.cmd)
+        return await self._send(action.host, action.cmd)
 
     async def _send_until_ok(self, host, cmd) -> Reply:
         for _ in range(self.opt.cleanup_attempts * 4):
@@ -677,54 +602,18 @@ class Controller:
             await self.sleep(self.opt.retry_backoff_s)
         return reply
 
-    async def _compensate(self, mig: Migration) -> None:
-        """After a failure: make both ends let go of what the migration holds."""
-        mig = self.view.migrations[mig.id]
-        if not mig.dest_settled or (mig.dest_copy and mig.failed_step == "finish"):
-            await self._release(mig, "dest", mig.reason)
-        mig = self.view.migrations[mig.id]
-        if mig.source_started and not mig.source_settled:
-            if mig.failed_step == "finish":
-                await self._restore(mig)
-            else:
-                await self._release(mig, "source", mig.reason)
+    async def _end(self, r: Request, ok: bool, outcome: str = "") -> None:
+        if r.ended:
+            return
+        await self._log(ev.RequestEnded(request_id=r.request_id, ok=ok, outcome=outcome,
+                                        migration_id=r.migration_id))
+        mig = self.view.migrations.get(r.migration_id) if r.kind == "resize" else None
+        if mig is not None and mig.status == MS.FINISHED:
+            self._arm_auto_confirm(mig)
 
-    # ------------------------------------------------------------------ confirm / revert
-
-    async def _run_confirm(self, r: _Request) -> None:
-        mig = self.view.migrations[r.migration_id]
-        if mig.status in (FINISHED, "confirming"):
-            cmd = c.ConfirmResize(command_id=f"{mig.id}:confirm",
-                                  instance_uuid=mig.instance_uuid,
-                                  instance_version=self._version(mig.instance_uuid),
-                                  migration_id=mig.id, shared_storage=mig.shared_storage)
-            await self._send_cleanup(mig.source_compute, cmd, "confirm")
-        mig = self.view.migrations[r.migration_id]
-        await self._end(r, mig.status == CONFIRMED,
-                        "" if mig.status == CONFIRMED else
-                        f"confirm of {self._name(mig)} ended {mig.status}: {mig.reason}")
-
-    async def _run_revert(self, r: _Request) -> None:
-        mig = self.view.migrations[r.migration_id]
-        if mig.status == FINISHED or (mig.status == REVERTING and not mig.dest_reverted):
-            cmd = c.RevertResize(command_id=f"{mig.id}:revert",
-                                 instance_uuid=mig.instance_uuid,
-                                 instance_version=self._version(mig.instance_uuid),
-                                 migration_id=mig.id, shared_storage=mig.shared_storage)
-            await self._send_cleanup(mig.dest_compute, cmd, "revert")
-        mig = self.view.migrations[r.migration_id]
-        if mig.status == REVERTING and mig.dest_reverted:
-            cmd = c.FinishRevertResize(command_id=f"{mig.id}:finish-revert",
-                                       instance_uuid=mig.instance_uuid,
-                                       instance_version=self._version(mig.instance_uuid),
-                                       migration_id=mig.id)
-            await self._send_cleanup(mig.source_compute, cmd, "finish_revert")
-        mig = self.view.migrations[r.migration_id]
-        if mig.status == ERROR:
-            await self._compensate(mig)
-        await self._end(r, mig.status == REVERTED,
-                        "" if mig.status == REVERTED else
-                        f"revert of {self._name(mig)} ended {mig.status}: {mig.reason}")
+    def _name(self, mig: Migration) -> str:
+        inst = self.view.instances.get(mig.instance_uuid)
+        return inst.name if inst else mig.instance_uuid
 
     def _arm_auto_confirm(self, mig: Migration) -> None:
         window = self.opt.resize_confirm_window_s
@@ -735,7 +624,7 @@ class Controller:
     async def _auto_confirm(self, mig: Migration, window: float) -> None:
         await self.sleep(max(0.0, mig.updated_at + window - self.clock()))
         current = self.view.migrations.get(mig.id)
-        if current is None or current.status != FINISHED:
+        if current is None or current.status != MS.FINISHED:
             return
         if mig.id in self.open_finishes:
             return

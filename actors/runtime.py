@@ -22,7 +22,7 @@ import ray
 from vmresize.protocol import commands as c
 from vmresize.config import ClusterConfig, HostSpec
 from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
-                                        OperationError, Options)
+                                        OperationError)
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
 from vmresize.drivers.fake import FakeDriver, FaultPlan, Latency
@@ -192,9 +192,7 @@ class ControllerActor:
             log=SegmentLog(base / "log", fsync=True), transport=RayTransport(self.namespace),
             hosts=[HostEntry(h.name, h.driver, h.capacity, cfg.limit(h)) for h in cfg.hosts],
             flavors=cfg.all_flavors(),
-            options=Options(allow_resize_to_same_host=o.allow_resize_to_same_host,
-                            resize_confirm_window_s=o.resize_confirm_window_s,
-                            max_attempts=o.max_attempts, step_timeout_s=o.step_timeout_s),
+            options=o,
             clock=time.time, sleep=asyncio.sleep, new_id=lambda: str(uuid.uuid4()),
             snapshot_dir=str(base / "snapshots"), snapshot_every=10_000)
         await ctl.start()
