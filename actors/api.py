@@ -101,6 +101,19 @@ def _kill_and_wait(handle, timeout_s: float) -> float:
     raise TimeoutError(f"actor did not come back within {timeout_s} s")
 
 
+class _ClassOrInstance:
+    """`Cluster.start(config)` starts a cluster; `cluster.start(name)` starts an instance
+    (DESIGN §7 names both `start`): the class and its instances each get their own."""
+
+    def __init__(self, on_class, on_instance):
+        self.on_class, self.on_instance = on_class, on_instance
+
+    def __get__(self, obj, owner):
+        if obj is None:
+            return self.on_class.__get__(owner, owner)
+        return self.on_instance.__get__(obj, owner)
+
+
 class Cluster:
     def __init__(self, cfg: ClusterConfig, namespace: str, controller, owns_ray: bool,
                  owns_actors: bool):
@@ -110,8 +123,7 @@ class Cluster:
         self.owns_ray = owns_ray
         self.owns_actors = owns_actors
 
-    @classmethod
-    def start(cls, config_path, state_dir=None, ray_address=None, *, detached=False,
+    def _start_cluster(cls, config_path, state_dir=None, ray_address=None, *, detached=False,
               faults=None, snapshot_every: int = 10_000,
               latency_s: float = 0.0) -> "Cluster":
         """Start the host actors and the controller (on a local Ray started here unless
@@ -126,6 +138,12 @@ class Cluster:
         cluster = cls(cfg, namespace, controller, owns_ray, owns_actors=True)
         cluster.host_handles = hosts    # actors that are not detached live while referenced
         return cluster
+
+    def _start_instance(self, name: str) -> Instance:
+        """Power the instance on (a running one: nothing to do)."""
+        return self._call("act", name, "start")
+
+    start = _ClassOrInstance(classmethod(_start_cluster), _start_instance)
 
     @classmethod
     def connect(cls, cfg: ClusterConfig, ray_address: str | None = None) -> "Cluster":
@@ -178,6 +196,14 @@ class Cluster:
     def revert(self, name: str) -> Migration:
         return self._call("revert", name)
 
+    def reboot(self, name: str, hard: bool = False) -> Instance:
+        return self._call("act", name, "reboot", hard)
+
+    def delete(self, name: str) -> Instance:
+        """Delete; a resize in VERIFY_RESIZE is confirmed first, one under way is rolled
+        back first, so nothing stays held anywhere."""
+        return self._call("act", name, "delete")
+
     # ------------------------------------------------------------------ views
 
     def instance(self, name: str) -> Instance:
@@ -211,7 +237,11 @@ class Cluster:
     def audit(self, as_of: str | None = None) -> AuditReport:
         return audit(self.cfg.state_dir, as_of)
 
-    def stop(self) -> None:
+    def stop(self, name: str | None = None) -> Instance | None:
+        """`stop(name)` powers an instance off (clean shutdown, then hard); `stop()`
+        stops the actors this object started and the Ray it started."""
+        if name is not None:
+            return self._call("act", name, "stop")
         if self.owns_actors:
             stop_actors(self.cfg, self.namespace)
         if self.owns_ray and ray.is_initialized():

@@ -163,6 +163,32 @@ def cmd_revert(args, out: Out) -> int:
     return EXIT_OK
 
 
+def _lifecycle(args, out: Out, action: str) -> int:
+    cluster = _connect(args)
+    if action == "reboot":
+        inst = _refused(cluster.reboot, args.name, args.hard)
+    else:
+        inst = _refused(getattr(cluster, action), args.name)
+    out.doc(instance_doc(inst), f"instance {inst.name}")
+    return EXIT_OK
+
+
+def cmd_stop(args, out: Out) -> int:
+    return _lifecycle(args, out, "stop")
+
+
+def cmd_start(args, out: Out) -> int:
+    return _lifecycle(args, out, "start")
+
+
+def cmd_reboot(args, out: Out) -> int:
+    return _lifecycle(args, out, "reboot")
+
+
+def cmd_delete(args, out: Out) -> int:
+    return _lifecycle(args, out, "delete")
+
+
 def cmd_show(args, out: Out) -> int:
     cluster = _connect(args)
     inst = _refused(cluster.instance, args.name)

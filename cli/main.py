@@ -111,6 +111,10 @@ COMMANDS = {
     "migrate": "cold-migrate an instance (same flavor, another host)",
     "confirm": "confirm a resize waiting in VERIFY_RESIZE",
     "revert": "revert a resize waiting in VERIFY_RESIZE",
+    "stop": "power an instance off (clean shutdown, then hard); a stopped one stays so",
+    "start": "power an instance on; a running one stays so",
+    "reboot": "reboot a running instance (--hard: reset)",
+    "delete": "delete an instance (confirms or rolls back a resize first); holds nothing",
     "show": "show one instance",
     "list": "list instances, migrations or hosts",
     "events": "print the logs (offline)",
@@ -161,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         p[name].add_argument("--no-wait", action="store_true")
         p[name].add_argument("--timeout", type=float, default=600.0,
                              help="seconds to wait (default 600)")
-    for name in ("confirm", "revert", "show"):
+    for name in ("confirm", "revert", "show", "stop", "start", "reboot", "delete"):
         p[name].add_argument("name")
+    p["reboot"].add_argument("--hard", action="store_true")
     p["list"].add_argument("what", choices=["instances", "migrations", "hosts"])
     p["events"].add_argument("--host")
     p["events"].add_argument("--instance", metavar="NAME")

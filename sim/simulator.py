@@ -24,7 +24,7 @@ import msgspec
 from vmresize.protocol import commands as c
 from vmresize.config import ClusterConfig
 from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
-                                        OperationError, Options)
+                                        OperationError)
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
 from vmresize.sim.vclock import VirtualLoop
@@ -32,7 +32,7 @@ from vmresize.drivers.fake import FakeDriver, FakeStorage, FaultPlan, HostCrashe
 from vmresize.events.codec import encode
 from vmresize.events.log import SegmentLog
 from vmresize.projections.audit import _Checker, audit
-from vmresize.projections.state import FINISHED
+from vmresize.protocol.states import RUNNING, MigrationStatus as MS
 
 FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "driver")
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
@@ -313,10 +313,7 @@ class Simulator:
             hosts=[HostEntry(h, "fake", self.cluster.hosts[0].capacity, self._policy()[1])
                    for h in self.hosts],
             flavors=self.cluster.all_flavors(),
-            options=Options(allow_resize_to_same_host=o.allow_resize_to_same_host,
-                            resize_confirm_window_s=o.resize_confirm_window_s,
-                            max_attempts=o.max_attempts, step_timeout_s=o.step_timeout_s,
-                            cleanup_attempts=8),
+            options=msgspec.structs.replace(o, cleanup_attempts=8),
             clock=self.clock, sleep=asyncio.sleep, new_id=self.new_id,
             spawn_task=self._controller_task,
             snapshot_dir=str(self.state_dir / "controller" / "snapshots"),
@@ -417,14 +414,25 @@ class Simulator:
         try:
             inst = ctl.instance_by_name(name)
         except OperationError:
+            await self._reboot_deleted(name)
             return
         mig = ctl.view.migrations.get(inst.migration_id)
         full = self._memory_used(ctl) > 0.6     # keep the cluster from filling up
+        roll = self.rng.random()
         try:
-            if mig is not None and mig.status == FINISHED:
-                op = "confirm" if self.rng.random() < (0.2 if full else 0.6) else "revert"
-                await self.ask(op, name)
-            elif full or self.rng.random() < 0.2:
+            if mig is not None and mig.status == MS.FINISHED:
+                if roll < 0.05:
+                    await self.ask("act", name, "delete")
+                else:
+                    op = "confirm" if roll < (0.2 if full else 0.6) else "revert"
+                    await self.ask(op, name)
+            elif roll < 0.04:
+                await self._resize_then_delete(name, inst, flavors)
+            elif roll < 0.16:
+                action = "start" if inst.power_state != RUNNING else (
+                    "stop" if roll < 0.10 else "reboot")
+                await self.ask("act", name, action, hard=roll < 0.07)
+            elif full or roll < 0.3:
                 await self.ask("resize", name, None)
                 self.finished += 1
             else:
@@ -433,6 +441,27 @@ class Simulator:
         except OperationError as exc:
             self.failed += 1
             self.history.append(f"{name}: {exc}")
+
+    async def _resize_then_delete(self, name, inst, flavors) -> None:
+        """A delete while a resize is under way: the resize is rolled back (or confirmed
+        if it got to VERIFY_RESIZE), then the instance deleted; nothing stays held."""
+        resize = asyncio.ensure_future(self.ask(
+            "resize", name, self._pick_flavor(inst.flavor.name, flavors)))
+        await asyncio.sleep(self.rng.random() * 0.5)
+        try:
+            await self.ask("act", name, "delete")
+        finally:
+            try:
+                await resize
+            except OperationError as exc:
+                self.history.append(f"{name}: {exc}")
+
+    async def _reboot_deleted(self, name: str) -> None:
+        """Boot a deleted instance's name again, so the population stays the same."""
+        try:
+            await self.ask("boot", name, self.rng.choice(self._boot_flavors()))
+        except OperationError as exc:
+            self.history.append(f"boot {name} refused: {exc}")
 
     def _memory_used(self, ctl: Controller) -> float:
         """Fraction of the cluster's memory limit the ledgers hold (kept incrementally
@@ -495,7 +524,7 @@ class Simulator:
                 break
             await asyncio.gather(*pending, return_exceptions=True)
         for mig in list(ctl.view.migrations.values()):
-            if mig.status == FINISHED:
+            if mig.status == MS.FINISHED:
                 await self.ask("confirm", ctl.view.instances[mig.instance_uuid].name)
 
     def _unhandled(self, loop, context) -> None:
