@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from vmresize.config import ClusterConfig, parse
 from vmresize.events import schema as ev
+from vmresize.protocol.table import DEST_STEPS, SOURCE_STEPS
 from vmresize.events.schema import (ControllerEnvelope, DiskInfo, Envelope, Flavor,
                                     MigrationSpec, Resources)
 from vmresize.projections.fold import merge_logs
@@ -81,7 +82,7 @@ _BY_STRUCT = {Flavor: flavors, Resources: resources, DiskInfo: disk_infos,
 # Fields whose meaning narrows the values worth drawing (any str would still round-trip).
 _BY_NAME = {
     "instance_uuid": uuids, "migration_id": uuids, "command_id": st.text(max_size=40),
-    "step": st.sampled_from(sorted(ev.DEST_STEPS | ev.SOURCE_STEPS)),
+    "step": st.sampled_from(sorted(DEST_STEPS | SOURCE_STEPS)),
     "role": st.sampled_from(["source", "dest"]), "power_state": power_states,
     "instance_version": st.integers(1, 10**6), "dest": host_names,
 }
@@ -288,7 +289,7 @@ class History:
     def fail(self, mid: str, step: str, rolled_back: bool = True,
              host: str | None = None, **fields) -> Envelope:
         spec = self.spec(mid)
-        host = host or (spec.dest if step in ev.DEST_STEPS else spec.source)
+        host = host or (spec.dest if step in DEST_STEPS else spec.source)
         fields.setdefault("power_state", self._power(mid))
         return self.mig(host, ev.Failed, mid, step=step, reason=f"{step} failed",
                         rolled_back=rolled_back, **fields)

@@ -16,7 +16,11 @@ import pytest
 
 import strategies as s
 from vmresize.config import load, parse
-from vmresize.actors.controller import (Controller, HostEntry, OperationError, Options)
+from vmresize.actors.controller import Controller, HostEntry, OperationError
+from vmresize.actors.planner import End, Send, plan
+from vmresize.config import Options
+from vmresize.events.schema import Resources
+from vmresize.protocol import commands as c
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
 from vmresize.sim.vclock import run
@@ -71,8 +75,11 @@ class Rig:
     """A cluster: one shell + FakeDriver + MemoryLog per host, a controller log."""
 
     def __init__(self, cfg=None, faults: dict | None = None, latency: dict | None = None,
-                 controller_class=Controller, shared: tuple = (), **options):
+                 controller_class=Controller, shared: tuple = (),
+                 host_limits: dict | None = None, **options):
         self.cfg = cfg or load(ROOT / "cluster.yaml")
+        # A host that knows it holds less than the controller believes (a stale view).
+        self.host_limits = host_limits or {}
         self.options = Options(**{"max_attempts": self.cfg.options.max_attempts,
                                   "retry_backoff_s": 0.1, **options})
         self.raw = {h.name: MemoryLog() for h in self.cfg.hosts}
@@ -99,7 +106,8 @@ class Rig:
 
     async def start_host(self, name: str) -> HostShell:
         h = self.cfg.host(name)
-        shell = HostShell(HostPolicy(name=name, limit=self.cfg.limit(h)),
+        limit = self.host_limits.get(name, self.cfg.limit(h))
+        shell = HostShell(HostPolicy(name=name, limit=limit),
                           HostEventLog(self.raw[name], name, self.clock), self.drivers[name],
                           capacity=h.capacity, step_timeout_s=self.cfg.options.step_timeout_s)
         await shell.start()
@@ -249,12 +257,12 @@ async def test_disk_shrink_is_refused_and_holds_nothing():
 
 # --------------------------------------------------------------------------- scheduling
 
-PROBE_FAILS = [Fault("create_probe", "fail")]
+TOO_SMALL = Resources(1, 1024, 10)      # a destination that refuses m1.medium
 
 
 @virtual
 async def test_reschedule_on_claim_rejected():
-    rig = Rig(**four_hosts(faults={"h2": PROBE_FAILS, "h3": PROBE_FAILS}))
+    rig = Rig(**four_hosts(host_limits={"h2": TOO_SMALL, "h3": TOO_SMALL}))
     ctl = await rig.start()
     inst = await ctl.boot("vm1", "m1.small", host="h1")
     mig = await ctl.resize("vm1", "m1.medium")
@@ -270,7 +278,7 @@ async def test_reschedule_on_claim_rejected():
 
 @virtual
 async def test_no_valid_host_after_max_attempts_holds_nothing():
-    rig = Rig(**four_hosts(faults={"h2": PROBE_FAILS, "h3": PROBE_FAILS}, max_attempts=2))
+    rig = Rig(**four_hosts(host_limits={"h2": TOO_SMALL, "h3": TOO_SMALL}, max_attempts=2))
     ctl = await rig.start()
     inst = await ctl.boot("vm1", "m1.small", host="h1")
     with pytest.raises(OperationError, match="no valid host.*2 attempt"):
@@ -452,11 +460,17 @@ async def test_restarted_controller_sees_the_same_views():
 
 # --------------------------------------------------------------------------- broken on purpose
 
+def _plan_without_compensation(ctx, r):
+    action = plan(ctx, r)
+    if isinstance(action, Send) and isinstance(action.cmd, (c.ReleaseClaim,
+                                                            c.RestoreSource)):
+        return End(False, f"failed, compensation skipped: {ctx.view.migrations[r.migration_id].reason}")
+    return action
+
+
 class NoCompensation(Controller):
     """A broken controller: after a failure it lets go of nothing."""
-
-    async def _compensate(self, mig):
-        return None
+    plan = staticmethod(_plan_without_compensation)
 
 
 @virtual

@@ -16,7 +16,7 @@ import pytest
 from strategies import MEDIUM, SMALL, TINY
 from vmresize.protocol import commands as c
 from vmresize.protocol.commands import Rejected
-from vmresize.actors.host import HostPolicy, decide, probe_name
+from vmresize.actors.host import Effect, HostPolicy, decide, probe_name
 from vmresize.actors.shell import HostEventLog, HostShell
 from vmresize.sim.vclock import run
 from vmresize.drivers.fake import FakeDriver, FakeStorage, Fault, FaultPlan, HostCrashed
@@ -138,8 +138,9 @@ class Pair:
     async def prep(self, new=SMALL, dest="b", mid=M, uuid=U, allow_same_host=False):
         reply = await self.nodes[dest].shell.handle(
             self.prep_cmd(new, dest, mid, uuid, allow_same_host))
-        claimed = reply.events[-1].event if reply.events else None
-        if isinstance(claimed, ev.Claimed):
+        claimed = next((e.event for e in reply.events if isinstance(e.event, ev.Claimed)),
+                       None)
+        if claimed is not None:
             self.specs[mid] = claimed.spec
         return reply
 
@@ -297,7 +298,8 @@ def test_decide_finish_of_an_unknown_migration_is_rejected():
 def test_decide_resize_instance_refuses_a_disk_shrink_with_a_rollback():
     state = fold([ev.Envelope("b", 0, 0.0, ev.SpawnStarted(
         instance_uuid=U, instance_version=1, name="vm", flavor=SMALL,
-        resources=SMALL.resources()))])
+        resources=SMALL.resources())),
+        ev.Envelope("b", 1, 0.0, ev.Spawned(instance_uuid=U, instance_version=2))])
     spec = MigrationSpec(name="vm", source="b", dest="c", old_flavor=SMALL, new_flavor=TINY,
                          old_resources=SMALL.resources(), new_resources=TINY.resources(),
                          migration_type="resize", vm_state="active")
@@ -307,6 +309,10 @@ def test_decide_resize_instance_refuses_a_disk_shrink_with_a_rollback():
     assert isinstance(failed, ev.Failed)
     assert (failed.step, failed.rolled_back, failed.instance_version) == (
         "resize_instance", True, 3)
+    building = fold(state_envs := [ev.Envelope("b", 0, 0.0, ev.SpawnStarted(
+        instance_uuid=U, instance_version=1, name="vm", flavor=SMALL,
+        resources=SMALL.resources()))])
+    assert state_envs and "building" in decide(building, POLICY, cmd).reason
     assert "shrink" in failed.reason
 
 
@@ -347,9 +353,10 @@ async def test_prep_resize_claims_and_creates_the_probe():
     p = await Pair().start()
     await p.boot()
     reply = await p.prep()
-    assert reply.ok and types(reply.events) == ["Claimed"]
+    assert reply.ok and types(reply.events) == ["Claimed", "ProbeCreated"]
     claimed = reply.events[0].event
     assert claimed.probe == probe_name(M) and claimed.instance_version == 3
+    assert claimed.probe_pending     # the intent is durable before the probe exists
     assert probe_name(M) in p.b.driver.storage.probes
     assert p.b.allocations() == {"m:m:new": SMALL.resources()}
     assert p.b.state.migrations[M].status == "pre-migrating"
@@ -488,7 +495,7 @@ async def test_revert_then_finish_revert_brings_the_instance_home():
     assert U + "_resize" not in p.a.driver.storage.dirs
     assert p.a.driver.domains[U].power_state == RUNNING
     inst = p.a.state.instances[U]
-    assert (inst.host, inst.flavor, inst.status, inst.version) == ("a", TINY, "ACTIVE", 11)
+    assert (inst.host, inst.flavor, inst.status, inst.version) == ("a", TINY, "ACTIVE", 12)
     assert p.audit().ok
 
 
@@ -498,8 +505,8 @@ async def test_release_claim_on_the_destination():
     await p.boot()
     await p.prep()
     reply = await p.release("dest")
-    assert reply.ok and types(reply.events) == ["ClaimReleased"]
-    assert reply.events[0].event.role == "dest"
+    assert reply.ok and types(reply.events) == ["ReleaseStarted", "ClaimReleased"]
+    assert reply.events[-1].event.role == "dest"
     assert p.b.allocations() == {}
     assert p.b.driver.storage.probes == []
     again = await p.b.shell.handle(c.ReleaseClaim(
@@ -521,7 +528,7 @@ async def test_finish_failure_then_restore_source():
     assert p.b.allocations() == {}
     assert U not in p.b.driver.storage.dirs
     reply = await p.restore()
-    assert reply.ok and types(reply.events) == ["SourceRestored"]
+    assert reply.ok and types(reply.events) == ["RestoreStarted", "SourceRestored"]
     assert p.a.allocations() == {"i:u": TINY.resources()}
     assert U in p.a.driver.storage.dirs and U + "_resize" not in p.a.driver.storage.dirs
     assert p.a.driver.domains[U].power_state == RUNNING
@@ -734,7 +741,7 @@ async def test_nova_leaked_claim_after_failed_prep():
     p = await Pair(b_faults=[Fault("create_probe", "fail")]).start()
     await p.boot()
     reply = await p.prep()
-    assert not reply.ok and types(reply.events) == ["ClaimRejected"]
+    assert not reply.ok and types(reply.events) == ["Claimed", "ClaimReleased"]
     assert "probe" in reply.reason
     assert p.b.allocations() == {}
     assert p.audit().ok
@@ -814,14 +821,13 @@ async def test_nova_stopped_instance_powered_on_after_failed_migrate():
 # --------------------------------------------------------------------------- extension
 
 class _SpawnAlwaysFails(HostShell):
-    async def _spawn(self, e):
-        return [ev.SpawnFailed(command_id=e.command_id, instance_uuid=e.instance_uuid,
-                               instance_version=e.instance_version + 1, reason="override")]
+    async def _do_spawn(self, e):
+        return Effect(error="override")
 
 
 class _ReleaseRefuses(HostShell):
-    async def _release(self, cmd):
-        return c.Reply(command_id=cmd.command_id, ok=False, reason="override")
+    async def _do_release(self, e):
+        return Effect(error="override")
 
 
 @pytest.mark.parametrize("shell_class,step", [(_SpawnAlwaysFails, "spawn"),
@@ -844,4 +850,4 @@ async def test_a_shell_subclass_can_override_an_effect(shell_class, step):
         await p.prep(dest="a", allow_same_host=True)
         p.specs[M] = msgspec.structs.replace(p.specs[M], dest="a")
         reply = await p.release("dest")
-        assert reply.reason == "override"
+        assert not reply.ok and reply.retryable and reply.reason.endswith("override")

@@ -13,7 +13,9 @@ import pytest
 
 from vmresize.protocol import commands as c
 from vmresize.config import load
-from vmresize.actors.shell import HostShell, _next
+from vmresize.actors.host import Effect
+from vmresize.actors.shell import HostShell
+from vmresize.protocol import commands as c
 from vmresize.sim.simulator import FAULT_KINDS, SimConfig, Simulator
 from vmresize.drivers.fake import HostCrashed
 from vmresize.events import schema as ev
@@ -170,18 +172,18 @@ class _ReleasesAsSource(HostShell):
     """A broken host: a failed migration's destination claim is 'released' under the
     source role, so the destination keeps holding it."""
 
-    async def _release(self, cmd):
-        if cmd.role == "dest":
+    async def _run(self, cmd):
+        if isinstance(cmd, c.ReleaseClaim) and cmd.role == "dest":
             cmd = msgspec.structs.replace(cmd, role="source")
-        return await super()._release(cmd)
+        return await super()._run(cmd)
 
 
 class _RevertsWithoutCleanup(HostShell):
     """A broken host: logs DestReverted without asking the driver to remove the
     destination's domain and disk copy."""
 
-    async def _revert_dest(self, e):
-        return [_next(ev.DestReverted, e)]
+    async def _do_revert(self, e):
+        return Effect()
 
 
 def test_a_broken_host_shell_is_caught(tmp_path):
