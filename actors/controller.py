@@ -15,6 +15,7 @@ until it answers.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Awaitable, Callable, Protocol
 
 import msgspec
@@ -120,6 +121,8 @@ class Controller:
         self.booting: set[str] = set()                  # names of boots not yet ended
         self._free_cache: dict[str, tuple] = {}
         self.tasks: dict[str, asyncio.Future] = {}
+        self._ended: deque[str] = deque()           # ended request ids, oldest first
+        self._final: deque[str] = deque()           # ended migration ids, oldest first
         self.down_until: dict[str, float] = {}     # host -> when to try it again
         self.round_trips = 0
         self._confirm_timers: dict[str, asyncio.Future] = {}
@@ -168,6 +171,18 @@ class Controller:
                     del index[r.instance_uuid]
             if r.kind == "boot":
                 self.booting.discard(r.name)
+            r.answers = {}
+            self.tasks.pop(r.request_id, None)
+            self._forget_requests(r.request_id)
+
+    def _forget_requests(self, ended_id: str) -> None:
+        """Keep the last `retain_requests` ended requests (their answers make a repeated
+        request id idempotent); older ones are forgotten."""
+        self._ended.append(ended_id)
+        while len(self._ended) > self.opt.retain_requests:
+            old = self.requests.pop(self._ended.popleft(), None)
+            if old is not None and self.by_migration.get(old.migration_id) is old:
+                del self.by_migration[old.migration_id]
 
     async def _log(self, event) -> None:
         envs = []
@@ -188,12 +203,34 @@ class Controller:
             if env.offset in seen or env.offset < self._low.get(env.host, 0):
                 continue
             seen.add(env.offset)
+            low = self._low.get(env.host, 0)
+            while low in seen:          # offsets below `low` are all folded
+                seen.discard(low)
+                low += 1
+            self._low[env.host] = low
+            mid = getattr(env.event, "migration_id", "")
+            was_final = mid and self._is_final(mid)
             apply(self.view, env)
+            if mid and not was_final and self._is_final(mid):
+                self._forget_migrations(mid)
             self._learned += 1
             if type(env.event) is ev.SpawnStarted:
                 self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
                 self.disks[env.event.migration_id] = env.event.disks
+
+    def _is_final(self, mid: str) -> bool:
+        mig = self.view.migrations.get(mid)
+        return mig is not None and mig.final
+
+    def _forget_migrations(self, final_id: str) -> None:
+        """Keep the last `retain_migrations` ended migrations in the view (the logs keep
+        them all: `vmresize events` and the auditor read them there)."""
+        self._final.append(final_id)
+        while len(self._final) > self.opt.retain_migrations:
+            old = self._final.popleft()
+            self.view.migrations.pop(old, None)
+            self.disks.pop(old, None)
 
     async def start(self) -> None:
         """Replay our log, load the newest snapshot of our view, pull every host's

@@ -25,7 +25,11 @@ from vmresize.events.schema import Envelope
 from vmresize.projections.fold import Projection, apply
 from vmresize.protocol import commands as c
 from vmresize.protocol.commands import Rejected, Reply
+from vmresize.protocol.states import ENDED, MigrationStatus
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT
+
+RETAIN_COMMANDS = 1024      # command ids whose answers a host keeps
+RETAIN_ENDED = 16           # ended migrations and deleted instances a host keeps
 
 
 class HostSnapshot(msgspec.Struct):
@@ -83,6 +87,8 @@ class HostShell:
         self.commands: dict[str, list[int]] = {}
         self.open_intents: dict[str, int] = {}      # command_id -> offset of its intent
         self.busy: dict[str, str] = {}              # instance uuid -> its open command
+        self._ended_migrations: dict[str, None] = {}   # oldest first
+        self._ended_instances: dict[str, None] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self._lock = asyncio.Lock()
         self._since_snapshot = 0
@@ -130,7 +136,21 @@ class HostShell:
     # ------------------------------------------------------------------ bookkeeping
 
     def _record(self, env: Envelope) -> None:
+        mid = getattr(env.event, "migration_id", "")
+        was_final = mid and self._final_here(mid)
+        inst = self.state.instances.get(getattr(env.event, "instance_uuid", ""))
+        before = inst.migration_id if inst is not None else ""
         apply(self.state, env)
+        if mid and not was_final and self._final_here(mid):
+            self._ended_migrations[mid] = None
+        after = self.state.instances.get(getattr(env.event, "instance_uuid", ""))
+        if before and (after is None or after.migration_id not in ("", before)):
+            # The instance moved on to another migration: this host's half of the
+            # earlier one (a destination never sees the source's Confirmed) is over.
+            self._ended_migrations[before] = None
+        if type(env.event) is ev.Deleted:
+            self._ended_instances[env.event.instance_uuid] = None
+        self._forget()
         cid = env.event.command_id
         if cid:
             self.commands.setdefault(cid, []).append(env.offset)
@@ -144,6 +164,27 @@ class HostShell:
             if closes and self.open_intents.pop(closes, None) is not None \
                     and self.busy.get(uuid) == closes:
                 del self.busy[uuid]
+
+    def _final_here(self, mid: str) -> bool:
+        mig = self.state.migrations.get(mid)
+        return mig is not None and (mig.final or mig.status in ENDED
+                                    and mig.status != MigrationStatus.ERROR)
+
+    def _forget(self) -> None:
+        """Bounded memory: keep the last RETAIN_COMMANDS command ids (a repeated one is
+        answered from the log; an older one is refused by the version check, never run
+        twice) and the last RETAIN_ENDED ended migrations and deleted instances."""
+        while len(self.commands) > RETAIN_COMMANDS:
+            cid = next(iter(self.commands))
+            if cid in self.open_intents:
+                break
+            del self.commands[cid]
+        for ended, table_ in ((self._ended_migrations, self.state.migrations),
+                              (self._ended_instances, self.state.instances)):
+            while len(ended) > RETAIN_ENDED:
+                key = next(iter(ended))
+                del ended[key]
+                table_.pop(key, None)
 
     async def _append(self, events: list) -> list[Envelope]:
         envs = await self.log.append(events)
@@ -255,7 +296,10 @@ class HostShell:
         return Effect(disks=tuple(disks))
 
     async def _do_prep(self, e: ev.Claimed) -> Effect:
-        return await self._attempt(self.driver.create_probe(e.probe))
+        result = await self._attempt(self.driver.create_probe(e.probe))
+        if result.error:     # the claim fails: undo what may have been created
+            await self._quietly(self.driver.remove_probe(e.probe))
+        return result
 
     async def _do_resize_instance(self, e: ev.MigrationStarted) -> Effect:
         spec = e.spec

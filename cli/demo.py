@@ -120,6 +120,14 @@ def _scenario(cluster, cfg, steps: _Steps) -> None:
                        cluster.confirm(n["batch"]))[1])
     steps.run(f"{n['batch']} is still stopped", lambda: cluster.instance(n["batch"]),
               lambda i: i.vm_state == "stopped" and i.power_state == 4)
+    steps.run(f"start {n['batch']} with its new flavor", lambda: cluster.start(n["batch"]),
+              lambda i: i.status == "ACTIVE" and i.flavor.name == medium)
+    steps.run(f"stop {n['api']}", lambda: cluster.stop(n["api"]),
+              lambda i: i.status == "SHUTOFF")
+    steps.run(f"reboot {n['db']}", lambda: cluster.reboot(n["db"]),
+              lambda i: i.status == "ACTIVE")
+    steps.run(f"delete {n['api']} (nothing of it stays held)",
+              lambda: cluster.delete(n["api"]), lambda i: i.deleted)
     _crash_scenario(cluster, steps, n["web"], _flavor(cfg, 3))
     steps.run("hosts after the demo", lambda: ", ".join(
         f"{h.name}: {h.vcpus_used} vcpus / {h.memory_mb_used} MB used"

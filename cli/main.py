@@ -120,7 +120,8 @@ COMMANDS = {
     "events": "print the logs (offline)",
     "audit": "check the invariants over the logs (offline, no cluster needed)",
     "simulate": "run the deterministic simulator",
-    "demo": "a local cluster of fake hosts: boot, resize, confirm, revert, crash, audit",
+    "demo": "a local cluster of fake hosts: boot, resize, confirm, revert, stop, start, "
+            "delete, a crash, an audit",
 }
 
 

@@ -35,6 +35,8 @@ class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cleanup_attempts: Count = 5          # tries of a cleanup step before it is abandoned
     retry_backoff_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     retry_backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    retain_requests: Count = 2048        # ended requests the controller remembers
+    retain_migrations: Count = 1024      # ended migrations its views keep
 
 
 class Ratios(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
