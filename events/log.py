@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import fcntl
 import os
 import re
 import struct
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import msgspec
+
+from vmresize.events.disk import OS_DISK, Disk
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024     # a longer length field is garbage, not a record
 SEGMENT_BYTES_DEFAULT = 64 * 1024 * 1024
@@ -113,28 +114,20 @@ def _frame(payloads: list[bytes]) -> tuple[list[bytes], int]:
     return parts, len(payloads) * _HEADER.size + sum(map(len, payloads))
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(disk: Disk, fd, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        view = view[disk.write(fd, view):]
 
 
 def segment_name(first_offset: int) -> str:
     return f"{first_offset:020d}.seg"
 
 
-def _segments(directory: Path) -> list[int]:
+def _segments(disk: Disk, directory: Path) -> list[int]:
     """First offsets of the segment files in `directory`, ascending."""
     try:
-        names = os.listdir(directory)
+        names = disk.list_dir(directory)
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_SEGMENT_NAME.match, names) if m)
@@ -165,7 +158,8 @@ class _Cursor:
     or incomplete record at `pos`), or is None when it stopped at a record boundary.
     """
 
-    def __init__(self, directory: Path, first: int):
+    def __init__(self, disk: Disk, directory: Path, first: int):
+        self.disk = disk
         self.directory = directory
         self.first = first
         self.pos = 0
@@ -173,15 +167,15 @@ class _Cursor:
         self.problem: str | None = None
 
     @classmethod
-    def at(cls, directory: Path, start: int) -> "_Cursor | None":
+    def at(cls, disk: Disk, directory: Path, start: int) -> "_Cursor | None":
         """A cursor at the start of the segment holding `start`; None if there is none."""
-        firsts = _segments(directory)
+        firsts = _segments(disk, directory)
         if not firsts:
             return None
         if firsts[0] != 0:
             raise CorruptLog(directory / segment_name(firsts[0]), 0,
                              f"the first segment starts at offset {firsts[0]}, not 0")
-        return cls(directory, firsts[bisect.bisect_right(firsts, start) - 1])
+        return cls(disk, directory, firsts[bisect.bisect_right(firsts, start) - 1])
 
     @property
     def path(self) -> Path:
@@ -195,7 +189,7 @@ class _Cursor:
             yield from self._scan(stop_at)
             if self.offset >= stop_at:
                 return
-            later = [f for f in _segments(self.directory) if f > self.first]
+            later = [f for f in _segments(self.disk, self.directory) if f > self.first]
             if not later:
                 self._check_tail()
                 return
@@ -214,64 +208,69 @@ class _Cursor:
         """Records of the current segment from `pos`; sets `problem` when it stops."""
         self.problem = None
         pos, offset, header = self.pos, self.offset, _HEADER.size
-        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        unpack, crc32, disk = _HEADER.unpack_from, zlib.crc32, self.disk
+        fd = disk.open(self.path, "r")
         try:
-            with open(self.path, "rb") as f:
-                f.seek(pos)
-                buf, i = f.read(_CHUNK_BYTES), 0      # buf[i] is at byte `pos` of the file
-                while offset < stop_at:
-                    avail = len(buf) - i
-                    need = header
-                    if avail >= header:
-                        length, crc = unpack(buf, i)
-                        if not 0 < length <= MAX_RECORD_BYTES:
-                            self.problem = f"bad record length {length}"
-                            return
-                        need = header + length
-                    if avail < need:
-                        more = f.read(max(_CHUNK_BYTES, need - avail))
-                        if not more:
-                            if avail:
-                                self.problem = ("incomplete record header" if avail < header
-                                                else "incomplete record")
-                            return
-                        buf, i = buf[i:] + more, 0
-                        continue
-                    payload = buf[i + header:i + need]
-                    if crc32(payload) != crc:
-                        self.problem = "CRC mismatch"
+            buf, i = disk.pread(fd, _CHUNK_BYTES, pos), 0   # buf[i] is at byte `pos`
+            end = pos + len(buf)                            # where the next read starts
+            while offset < stop_at:
+                avail = len(buf) - i
+                need = header
+                if avail >= header:
+                    length, crc = unpack(buf, i)
+                    if not 0 < length <= MAX_RECORD_BYTES:
+                        self.problem = f"bad record length {length}"
                         return
-                    i += need
-                    pos += need
-                    offset += 1
-                    yield offset - 1, payload
+                    need = header + length
+                if avail < need:
+                    more = disk.pread(fd, max(_CHUNK_BYTES, need - avail), end)
+                    end += len(more)
+                    if not more:
+                        if avail:
+                            self.problem = ("incomplete record header" if avail < header
+                                            else "incomplete record")
+                        return
+                    buf, i = buf[i:] + more, 0
+                    continue
+                payload = buf[i + header:i + need]
+                if crc32(payload) != crc:
+                    self.problem = "CRC mismatch"
+                    return
+                i += need
+                pos += need
+                offset += 1
+                yield offset - 1, payload
         finally:
+            disk.close(fd)
             self.pos, self.offset = pos, offset
 
     def _check_tail(self) -> None:
         """At a problem in the last segment: a torn tail unless valid records follow."""
         if self.problem is None:
             return
-        with open(self.path, "rb") as f:
-            f.seek(self.pos)
-            rest = memoryview(f.read())
+        fd = self.disk.open(self.path, "r")
+        try:
+            rest = memoryview(self.disk.pread(fd, self.disk.size(fd) - self.pos, self.pos))
+        finally:
+            self.disk.close(fd)
         found = _find_valid_record(rest, 1)
         if found >= 0:
             raise CorruptLog(self.path, self.offset, f"{self.problem}; a valid record "
                              f"follows at byte {self.pos + found}")
 
     def file_bytes(self) -> int:
-        return os.path.getsize(self.path)
+        return self.disk.file_size(self.path)
 
 
-def _recover(directory: Path, verify: bool) -> tuple[_Cursor | None, TornTail | None]:
+def _recover(disk: Disk, directory: Path, verify: bool
+             ) -> tuple[_Cursor | None, TornTail | None]:
     """Scan the log; return a cursor at its valid end, and the torn tail if any."""
-    cursor = _Cursor.at(directory, 0)
+    cursor = _Cursor.at(disk, directory, 0)
     if cursor is None:
         return None, None
     if not verify:
         # Older segments are checked when read; their record counts follow from names.
-        cursor = _Cursor(directory, _segments(directory)[-1])
+        cursor = _Cursor(disk, directory, _segments(disk, directory)[-1])
         cursor.offset = cursor.first
     for _ in cursor.records(None):
         pass
@@ -296,10 +295,11 @@ class SegmentLog:
 
     def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,
                  fsync: bool = True, segment_bytes: int = SEGMENT_BYTES_DEFAULT,
-                 create: bool = True, verify: bool = True):
+                 create: bool = True, verify: bool = True, disk: Disk = OS_DISK):
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be > 0, got {segment_bytes}")
         self.directory = Path(directory)
+        self.disk = disk
         self.readonly = readonly
         self.torn_tail: TornTail | None = None
         self.fsyncs = 0                   # fsyncs of segment files, for benchmarks
@@ -326,53 +326,50 @@ class SegmentLog:
             self._open_writer(create, verify)
 
     def _open_readonly(self, verify: bool) -> None:
-        if not self.directory.is_dir():
+        if not self.disk.is_dir(self.directory):
             raise LogError(f"{self.directory}: no such log directory")
-        cursor, self.torn_tail = _recover(self.directory, verify)
+        cursor, self.torn_tail = _recover(self.disk, self.directory, verify)
         self._next = self._flushed = cursor.offset if cursor else 0
         self._closed = True               # nothing to write; reads stay available
 
     def _open_writer(self, create: bool, verify: bool) -> None:
-        if create and not self.directory.is_dir():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.directory.parent)
-        if not self.directory.is_dir():
+        disk = self.disk
+        if create and not disk.is_dir(self.directory):
+            disk.make_dirs(self.directory)
+            disk.fsync_dir(self.directory.parent)
+        if not disk.is_dir(self.directory):
             raise LogError(f"{self.directory}: no such log directory")
         self._lock()
         try:
-            cursor, self.torn_tail = _recover(self.directory, verify)
+            cursor, self.torn_tail = _recover(disk, self.directory, verify)
             if cursor is None:
                 self._create_segment(0)
             else:
                 self._reopen_segment(cursor)
         except BaseException:
-            os.close(self._lock_fd)
+            disk.close(self._lock_fd)
             raise
 
     def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = self.disk.lock(self.directory / LOCK_NAME)
         except BlockingIOError:
-            os.close(fd)
             raise LogError(f"{self.directory}: another writer holds the log's lock") from None
-        self._lock_fd = fd
 
     def _reopen_segment(self, cursor: _Cursor) -> None:
-        path = cursor.path
+        disk = self.disk
+        self._fd = disk.open(cursor.path, "a")
         if self.torn_tail is not None:
-            os.truncate(path, cursor.pos)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        if self.torn_tail is not None:
-            os.fsync(self._fd)            # the truncation must stick before we append
+            disk.truncate(self._fd, cursor.pos)
+            disk.fsync(self._fd)          # the truncation must stick before we append
         self._seg_first, self._seg_size = cursor.first, cursor.pos
         self._next = self._flushed = cursor.offset
-        assert os.fstat(self._fd).st_size == cursor.pos
+        assert disk.size(self._fd) == cursor.pos
 
     def _create_segment(self, first: int) -> None:
         path = self.directory / segment_name(first)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        _fsync_dir(self.directory)
+        self._fd = self.disk.open(path, "x")
+        self.disk.fsync_dir(self.directory)
         self._seg_first, self._seg_size = first, 0
 
     # -- properties and lifecycle
@@ -401,7 +398,7 @@ class SegmentLog:
                 self._closed = True
                 for fd in (self._fd, self._lock_fd):
                     if fd is not None:
-                        os.close(fd)
+                        self.disk.close(fd)
                 self._fd = self._lock_fd = None
                 self._cond.notify_all()
 
@@ -497,19 +494,19 @@ class SegmentLog:
         if self._seg_size and self._seg_size + nbytes > self._segment_bytes:
             self._roll(first)
         if parts:
-            _write_all(self._fd, b"".join(parts))
+            _write_all(self.disk, self._fd, b"".join(parts))
             self._seg_size += nbytes
         if sync:
-            os.fsync(self._fd)
+            self.disk.fsync(self._fd)
             self.fsyncs += 1
 
     def _roll(self, first: int) -> None:
         # Always fsync the old segment, even with fsync=False: a segment that has a
         # successor is then complete, which is what lets recovery call any bad record
         # outside the last segment corruption.
-        os.fsync(self._fd)
+        self.disk.fsync(self._fd)
         self.fsyncs += 1
-        os.close(self._fd)
+        self.disk.close(self._fd)
         self._fd = None
         self._create_segment(first)
 
@@ -574,7 +571,7 @@ class SegmentLog:
         """Stream (offset, payload) from `start` to `stop` or to what is written now."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        cursor = _Cursor.at(self.directory, start)
+        cursor = _Cursor.at(self.disk, self.directory, start)
         if cursor is None:
             return
         expected = start
@@ -589,7 +586,7 @@ class SegmentLog:
         """Yield records from `start` on as they are written, until `stop_event` is set."""
         cursor, expected = None, start
         while stop_event is None or not stop_event.is_set():
-            cursor = cursor or _Cursor.at(self.directory, start)
+            cursor = cursor or _Cursor.at(self.disk, self.directory, start)
             if cursor is not None:
                 for offset, payload in cursor.records(None):
                     if offset >= start:
@@ -682,54 +679,64 @@ def snapshot_name(offset: int) -> str:
     return f"{offset:020d}.snap"
 
 
-def save_snapshot(snapshot_dir: str | os.PathLike, offset: int, data: bytes) -> Path:
+def save_snapshot(snapshot_dir: str | os.PathLike, offset: int, data: bytes,
+                  *, disk: Disk = OS_DISK) -> Path:
     """Store `data` as covering records [0, offset); keep the newest SNAPSHOTS_KEPT."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     directory = Path(snapshot_dir)
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(directory.parent)
+    if not disk.is_dir(directory):
+        disk.make_dirs(directory)
+        disk.fsync_dir(directory.parent)
     head = struct.pack("<Q", offset)
     content = _SNAPSHOT_HEADER.pack(offset, zlib.crc32(data, zlib.crc32(head))) + data
     final = directory / snapshot_name(offset)
     temp = directory / (snapshot_name(offset) + _SNAPSHOT_TEMP_SUFFIX)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = disk.open(temp, "w")
     try:
-        _write_all(fd, content)
-        os.fsync(fd)
+        _write_all(disk, fd, content)
+        disk.fsync(fd)
     finally:
-        os.close(fd)
-    os.replace(temp, final)
-    _fsync_dir(directory)
-    _prune_snapshots(directory)
+        disk.close(fd)
+    disk.rename(temp, final)
+    disk.fsync_dir(directory)
+    _prune_snapshots(disk, directory)
     return final
 
 
-def _prune_snapshots(directory: Path) -> None:
-    names = os.listdir(directory)
+def _prune_snapshots(disk: Disk, directory: Path) -> None:
+    names = disk.list_dir(directory)
     kept = sorted(n for n in names if _SNAPSHOT_NAME.match(n))[-SNAPSHOTS_KEPT:]
     # Temp files are leftovers of a crash mid-save: ours was renamed already.
     doomed = [n for n in names if (_SNAPSHOT_NAME.match(n) and n not in kept)
               or n.endswith(".snap" + _SNAPSHOT_TEMP_SUFFIX)]
     for name in doomed:
-        os.unlink(directory / name)
+        disk.unlink(directory / name)
     if doomed:
-        _fsync_dir(directory)
+        disk.fsync_dir(directory)
 
 
-def load_snapshot(snapshot_dir: str | os.PathLike) -> tuple[int, bytes] | None:
+def _read_file(disk: Disk, path: Path) -> bytes:
+    fd = disk.open(path, "r")
+    try:
+        return disk.pread(fd, disk.size(fd), 0)
+    finally:
+        disk.close(fd)
+
+
+def load_snapshot(snapshot_dir: str | os.PathLike, *, disk: Disk = OS_DISK
+                  ) -> tuple[int, bytes] | None:
     """The newest snapshot whose CRC checks, as (offset, data); None if there is none.
 
     Writes nothing, so auditors may call it on a read-only state directory.
     """
     directory = Path(snapshot_dir)
     try:
-        names = os.listdir(directory)
+        names = disk.list_dir(directory)
     except FileNotFoundError:
         return None
     for name in sorted((n for n in names if _SNAPSHOT_NAME.match(n)), reverse=True):
-        content = (directory / name).read_bytes()
+        content = _read_file(disk, directory / name)
         if len(content) < _SNAPSHOT_HEADER.size:
             continue
         offset, crc = _SNAPSHOT_HEADER.unpack_from(content)
