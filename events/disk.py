@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import random
+import threading
 from typing import Any, Callable, Protocol
 
 OPEN_MODES = ("r", "a", "x", "w")
@@ -214,11 +216,21 @@ def _oserror(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
 
+def _atomic(method):
+    """One operation at a time: a log's writer thread and its readers share a disk."""
+    @functools.wraps(method)
+    def atomic(self, *args, **kwargs):
+        with self._mutex:
+            return method(self, *args, **kwargs)
+    return atomic
+
+
 class SimDisk:
     """An in-memory disk that loses unsynced writes at `crash()` (see the module
-    docstring). Not thread-safe by itself; the log serialises its own calls."""
+    docstring). Each operation is atomic; `on_fsync` runs outside that, so it may block."""
 
     def __init__(self, rng: random.Random, *, inline: bool = True) -> None:
+        self._mutex = threading.RLock()
         self.rng = rng
         self.inline = inline
         self.on_fsync: Callable[[str], None] | None = None
@@ -234,14 +246,17 @@ class SimDisk:
 
     # -- faults
 
+    @_atomic
     def set_free_bytes(self, free: int | None) -> None:
         """From now on writes may add `free` more bytes in all; None: no limit."""
         self._capacity = None if free is None else self._used() + max(0, free)
 
+    @_atomic
     def fail_fsync(self, times: int = 1) -> None:
         """The next `times` fsyncs (of files or directories) raise OSError(EIO)."""
         self._fsync_failures += times
 
+    @_atomic
     def corrupt(self, path, offset: int | None = None) -> int:
         """Flip one bit of a file (at a random byte unless `offset` is given), in what
         reads see and in what survives a crash. Returns the byte's offset."""
@@ -256,11 +271,13 @@ class SimDisk:
             inode.durable[offset] ^= bit
         return offset
 
+    @_atomic
     def crash(self, keep_bytes: int | None = None, keep_changes: int | None = None) -> None:
         """A power cut and reboot. In each directory a prefix of the name changes since
         its last fsync survives (`keep_changes` of them, or a random number); in each file
-        a prefix of the unsynced writes survives (`keep_bytes` bytes of them, or a random
-        number), the last one possibly torn. Every handle opened before is dead."""
+        a prefix of the unsynced writes and truncations survives (up to `keep_bytes`
+        bytes of writes, or a random prefix), the last write possibly torn. Every handle
+        opened before is dead."""
         self.crashes += 1
         self._generation += 1
         self._locks.clear()
@@ -279,18 +296,37 @@ class SimDisk:
             self._settle_after_crash(inode, keep_bytes)
 
     def _settle_after_crash(self, inode: _Inode, keep_bytes: int | None) -> None:
-        total = sum(len(data) for _, data in inode.pending if data is not None)
-        left = self.rng.randint(0, total) if keep_bytes is None else min(keep_bytes, total)
-        for offset, data in inode.pending:
-            if data is not None:
-                if left == 0:
+        """Apply the prefix of the unsynced operations that a power cut let through.
+        Random: the first k of them, and maybe a torn prefix of the next write. With
+        `keep_bytes`: operations up to the write that does not fit in what is left of
+        `keep_bytes`, which keeps just that many bytes. A torn write ends what survives."""
+        ops = inode.pending
+        if keep_bytes is None:
+            kept = self.rng.randint(0, len(ops))
+            survivors = ops[:kept]
+            if kept < len(ops) and ops[kept][1] is not None:
+                offset, data = ops[kept]
+                survivors.append((offset, data[:self.rng.randrange(len(data) or 1)]))
+        else:
+            survivors, left = [], keep_bytes
+            for offset, data in ops:
+                if data is not None and len(data) > left:
+                    survivors.append((offset, data[:left]))
                     break
-                data = data[:left]
-                left -= len(data)
+                survivors.append((offset, data))
+                left -= 0 if data is None else len(data)
+        for offset, data in survivors:
             _apply(inode.durable, offset, data)
         inode.pending.clear()
         inode.data = bytearray(inode.durable)
 
+    @_atomic
+    def durable_bytes(self, path) -> bytes:
+        """What a crash now would leave of the file's data (if its name survives)."""
+        inode = self._inode(path)
+        return bytes(inode.durable)
+
+    @_atomic
     def sync_all(self) -> None:
         """Make everything durable, as sync(2) does."""
         for d in self._dirs.values():
@@ -302,6 +338,7 @@ class SimDisk:
                     _apply(inode.durable, offset, data)
                 inode.pending.clear()
 
+    @_atomic
     def export(self, target, under, *, fsync: bool = True) -> list[str]:
         """Write the durable files under the directory `under` (what a power cut would
         leave) to the real directory `target`, keeping their relative paths; return the
@@ -325,6 +362,7 @@ class SimDisk:
 
     # -- the Disk interface
 
+    @_atomic
     def open(self, path, mode: str) -> _Handle:
         if mode not in OPEN_MODES:
             raise ValueError(f"open mode must be one of {OPEN_MODES}, got {mode!r}")
@@ -344,6 +382,7 @@ class SimDisk:
         self._open[handle] = None
         return handle
 
+    @_atomic
     def write(self, handle: _Handle, data) -> int:
         inode = self._live(handle)
         if handle.mode == "r":
@@ -361,14 +400,18 @@ class SimDisk:
         handle.position = offset + len(data)
         return len(data)
 
+    @_atomic
     def pread(self, handle: _Handle, size: int, offset: int) -> bytes:
         return bytes(self._live(handle).data[offset:offset + size])
 
     def fsync(self, handle: _Handle) -> None:
-        inode = self._live(handle)
         if self.on_fsync is not None:
             self.on_fsync(handle.path)
-            inode = self._live(handle)      # the hook may have crashed the disk
+        with self._mutex:
+            self._fsync(handle)
+
+    def _fsync(self, handle: _Handle) -> None:
+        inode = self._live(handle)          # the hook may have crashed the disk
         if self._fsync_failures:
             self._fsync_failures -= 1
             inode.pending.clear()           # the kernel forgets what it failed to write
@@ -378,15 +421,18 @@ class SimDisk:
         inode.pending.clear()
         self.fsyncs += 1
 
+    @_atomic
     def truncate(self, handle: _Handle, size: int) -> None:
         inode = self._live(handle)
         if handle.mode == "r":
             raise _oserror(errno.EBADF, handle.path)
         inode.record(size, None)
 
+    @_atomic
     def size(self, handle: _Handle) -> int:
         return len(self._live(handle).data)
 
+    @_atomic
     def close(self, handle: _Handle) -> None:
         if handle.generation != self._generation or handle.closed:
             return                          # the crash closed it already
@@ -395,6 +441,7 @@ class SimDisk:
         if handle.locked:
             self._locks.discard(handle.path)
 
+    @_atomic
     def lock(self, path) -> _Handle:
         path = self._norm(path)
         if path in self._locks:
@@ -405,9 +452,11 @@ class SimDisk:
         self._locks.add(path)
         return handle
 
+    @_atomic
     def file_size(self, path) -> int:
         return len(self._inode(path).data)
 
+    @_atomic
     def list_dir(self, path) -> list[str]:
         path = self._norm(path)
         d = self._dirs.get(path)
@@ -415,9 +464,11 @@ class SimDisk:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return sorted(d.subdirs) + list(d.entries)
 
+    @_atomic
     def is_dir(self, path) -> bool:
         return self._norm(path) in self._dirs
 
+    @_atomic
     def make_dirs(self, path) -> None:
         path = self._norm(path)
         if path in self._dirs:
@@ -433,11 +484,15 @@ class SimDisk:
 
     def fsync_dir(self, path) -> None:
         path = self._norm(path)
+        if self.on_fsync is not None:
+            self.on_fsync(path)
+        with self._mutex:
+            self._fsync_dir(path)
+
+    def _fsync_dir(self, path: str) -> None:
         d = self._dirs.get(path)
         if d is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        if self.on_fsync is not None:
-            self.on_fsync(path)
         if self._fsync_failures:
             self._fsync_failures -= 1
             raise _oserror(errno.EIO, path)
@@ -446,6 +501,7 @@ class SimDisk:
         d.journal.clear()
         self.dir_fsyncs += 1
 
+    @_atomic
     def rename(self, src, dst) -> None:
         src, dst = self._norm(src), self._norm(dst)
         sd, sname = self._parent(src)
@@ -458,6 +514,7 @@ class SimDisk:
         if src != dst:
             sd.change((dname, inode), (sname, None))
 
+    @_atomic
     def unlink(self, path) -> None:
         path = self._norm(path)
         d, name = self._parent(path)
@@ -492,5 +549,5 @@ class SimDisk:
 
     def _used(self) -> int:
         inodes = {id(i): i for d in self._dirs.values() for i in d.entries.values()}
-        inodes.update((id(h.inode), h.inode) for h in self._open)
+        inodes.update((id(h.inode), h.inode) for h in list(self._open))
         return sum(len(i.data) for i in inodes.values())
