@@ -328,27 +328,19 @@ class _Failure:
         return exc
 
 
-class _SharedFuture(asyncio.Future):
-    """The future every coroutine appending to one batch awaits. Cancelling one of them
-    must not cancel it for the others: the cancelled task is woken when the batch is
-    settled (its records written or lost) and raises CancelledError then."""
-
-    def cancel(self, msg=None) -> bool:
-        return False
-
-
 class _Batch:
     """Records queued together: one write and one fsync make all of them durable, or
     none of them is acknowledged."""
 
-    __slots__ = ("first", "end", "buf", "durable", "failure", "future")
+    __slots__ = ("first", "end", "buf", "durable", "failure", "waiters", "loop")
 
     def __init__(self, first: int):
         self.first = self.end = first     # its records are [first, end)
         self.buf = bytearray()            # header, payload, header, payload, ...
         self.durable = False
         self.failure: _Failure | None = None
-        self.future: _SharedFuture | None = None
+        self.waiters: list[asyncio.Future] = []   # of coroutines, all on `loop`
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, items: Iterable, encode: Encode | None) -> None:
         """Frame `items` with consecutive offsets from `end`; all of them or none."""
@@ -379,10 +371,11 @@ def _as_bytes(payload) -> bytes:
     return bytes(payload)
 
 
-def _settle(batch: _Batch) -> None:
-    """On the appenders' event loop: wake every coroutine waiting for `batch`."""
-    if not batch.future.done():
-        batch.future.set_result(batch.failure)
+def _settle(waiters: list[asyncio.Future], failure: _Failure | None) -> None:
+    """On the appenders' event loop: wake every coroutine waiting for one batch."""
+    for future in waiters:
+        if not future.done():             # a cancelled appender's records stay written
+            future.set_result(failure)
 
 
 class SegmentLog:
@@ -582,12 +575,12 @@ class SegmentLog:
             batch.add(items, encode)
             if batch.end == first:
                 return first
-            future = batch.future
-            if future is None:
-                future = batch.future = _SharedFuture(loop=loop)
-            if self._inflight is None:
-                if self._writer is None:
-                    self._start_writer()
+            future = loop.create_future()
+            batch.waiters.append(future)
+            batch.loop = loop
+            if self._writer is None:
+                self._start_writer()
+            elif self._inflight is None:
                 self._work.notify()
         failure = await future
         if failure is not None:
@@ -596,11 +589,11 @@ class SegmentLog:
 
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         for batch in (self._open, self._inflight):
-            future = batch.future if batch is not None else None
-            if future is not None and not future.get_loop().is_closed():
-                raise LogError(f"{self.directory}: append_async from two event loops at once")
-            if batch is not None:
-                batch.future = None       # its loop is gone, and its waiters with it
+            if batch is not None and batch.waiters:
+                if not batch.loop.is_closed():
+                    raise LogError(f"{self.directory}: append_async from two event loops "
+                                   f"at once")
+                batch.waiters = []        # their loop is gone, and they with it
         self._loop = loop
 
     def _start_writer(self) -> None:
@@ -640,7 +633,7 @@ class SegmentLog:
         self._cond.notify_all()
         if self._open.end > self._open.first or self._failure is not None:
             self._work.notify()
-        if batch.future is not None:
+        if batch.waiters:
             self._wake(batch)
 
     def _lose(self, batch: _Batch, failure: _Failure) -> None:
@@ -653,14 +646,13 @@ class SegmentLog:
         lost_too.failure = failure
         self._open = _Batch(batch.first)
         assert self._flushed == batch.first, "a lost batch must follow the durable ones"
-        if lost_too.future is not None:
+        if lost_too.waiters:
             self._wake(lost_too)
 
     @staticmethod
     def _wake(batch: _Batch) -> None:
-        loop = batch.future.get_loop()
         try:
-            loop.call_soon_threadsafe(_settle, batch)
+            batch.loop.call_soon_threadsafe(_settle, batch.waiters, batch.failure)
         except RuntimeError:              # its loop is closed: no one is waiting any more
             pass
 

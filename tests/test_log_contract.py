@@ -665,6 +665,26 @@ def test_append_async_resolves_only_after_its_fsync_returned():
         assert sorted(p for _, p in again.read()) == sorted(payload("a", i) for i in range(8))
 
 
+def test_a_coroutine_queued_behind_a_thread_is_written():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+    thread = threading.Thread(target=log.append, args=([b"thread"],))
+    thread.start()
+    assert held.entered.wait(10)                # the thread leads; its fsync is held
+
+    async def main():
+        task = asyncio.create_task(log.append_async([b"coroutine"]))
+        await asyncio.sleep(0)                  # queued behind the thread's batch
+        held.release.set()
+        await asyncio.wait([task], timeout=10)
+        return task.result()
+
+    assert asyncio.run(main()) == 1
+    thread.join(10)
+    log.close()
+
+
 def test_a_cancelled_appender_does_not_cancel_the_rest_of_its_batch():
     disk, log = sim_log()
     held = HeldFsync()
