@@ -110,7 +110,10 @@ class OsDisk:
     pread = staticmethod(os.pread)
     truncate = staticmethod(os.ftruncate)
     close = staticmethod(os.close)
-    fsync = staticmethod(os.fsync)
+    # fdatasync: the data and what is needed to read it back (the size), which is all an
+    # append needs; it does not wait for the timestamps, as fsync does. Directories are
+    # synced with fsync (fsync_dir).
+    fsync = staticmethod(getattr(os, "fdatasync", os.fsync))
 
     @staticmethod
     def size(handle: int) -> int:
