@@ -137,14 +137,6 @@ def _payloads(first: int, items: list, encode: Encode | None) -> list[bytes]:
     return out
 
 
-def _frame(payloads: list[bytes]) -> tuple[list[bytes], int]:
-    parts = []
-    for payload in payloads:
-        parts.append(_HEADER.pack(len(payload), zlib.crc32(payload)))
-        parts.append(payload)
-    return parts, len(payloads) * _HEADER.size + sum(map(len, payloads))
-
-
 def _write_all(disk: Disk, fd, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -420,6 +412,7 @@ class SegmentLog:
         self._flushed = 0                 # records below this are written (and fsync'd)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
+        self._writer_idle = False         # waiting for `_work`: notify it
         if readonly:
             self._open_readonly(verify)
         else:
@@ -567,7 +560,8 @@ class SegmentLog:
             return self.append(items, encode)
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._check_writable()
+            if self._closed or self._failure is not None:
+                self._check_writable()
             if self._loop is not loop:
                 self._bind_loop(loop)
             batch = self._open
@@ -578,10 +572,11 @@ class SegmentLog:
             future = loop.create_future()
             batch.waiters.append(future)
             batch.loop = loop
-            if self._writer is None:
-                self._start_writer()
-            elif self._inflight is None:
+            if self._writer_idle:
+                self._writer_idle = False
                 self._work.notify()
+            elif self._writer is None:
+                self._start_writer()
         failure = await future
         if failure is not None:
             raise failure.exception() from failure.cause
@@ -608,7 +603,9 @@ class SegmentLog:
                 if self._inflight is None and self._open.end > self._open.first:
                     self._lead(sync=True)
                 else:
+                    self._writer_idle = True
                     self._work.wait()
+                    self._writer_idle = False
 
     def _lead(self, sync: bool) -> None:
         """Write the open batch (and fsync it when `sync`); settle it. Called with the
@@ -631,7 +628,9 @@ class SegmentLog:
         else:
             self._lose(batch, failure)
         self._cond.notify_all()
-        if self._open.end > self._open.first or self._failure is not None:
+        if self._writer_idle and (self._open.end > self._open.first
+                                  or self._failure is not None):
+            self._writer_idle = False
             self._work.notify()
         if batch.waiters:
             self._wake(batch)
