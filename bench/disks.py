@@ -3,9 +3,10 @@
 Builds a 2 GiB qcow2 holding 512 MiB of random data (a sparse raw converted), an overlay
 on it, and times qemu-img's create, info, flatten (convert) and resize. Then moves the
 flattened image from hostA/ to hostB/ through send_file + FileReceiver in process (the
-code path of the Ray transport, minus Ray) and copies it with `cp --sparse=always` in the
-same run, alternating which goes first. Our move fsyncs before it renames, so cp is
-timed twice: alone, and followed by an fsync of its copy (the same durability).
+code path of the Ray transport, minus Ray), copies it with LocalSink (copy_file_range:
+shared storage, same host) and with `cp --sparse=always`, in the same run, rotating
+which goes first. Our transports fsync before they rename, so cp is timed twice: alone,
+and followed by an fsync of its copy (the same durability).
 
 Usage: python bench/disks.py [--dir DIR] [--rounds N]. Prints a table, then one JSON line.
 """
@@ -24,7 +25,7 @@ import tempfile
 import time
 
 from vmresize.drivers import qemu_img
-from vmresize.drivers.transport import FileReceiver, data_extents, send_file
+from vmresize.drivers.transport import FileReceiver, LocalSink, data_extents, send_file
 
 GiB, MiB = 1 << 30, 1 << 20
 VIRTUAL_BYTES = 2 * GiB
@@ -132,24 +133,38 @@ def one_move(src: str, dst_dir: str):
     return moved, stats
 
 
+def one_local(src: str, dst_dir: str) -> float:
+    t0 = time.perf_counter()
+    asyncio.run(LocalSink(dst_dir).send_file(src, "uuid/disk"))
+    copied = time.perf_counter() - t0
+    assert filecmp.cmp(src, f"{dst_dir}/uuid/disk", shallow=False)
+    shutil.rmtree(f"{dst_dir}/uuid")
+    return copied
+
+
 def move_rounds(flat: str, work: str, rounds: int) -> dict:
     dst = f"{work}/hostB"
     os.makedirs(dst)
-    cp_s, cp_fsync_s, move_s, stats = [], [], [], None
+    cp_s, cp_fsync_s, move_s, local_s, stats = [], [], [], [], None
+    order = ["cp", "move", "local"]
     for i in range(rounds):
-        # Alternate the order so neither always meets the other's writeback.
-        for which in (("cp", "move") if i % 2 == 0 else ("move", "cp")):
+        # Rotate the order so none always meets another's writeback.
+        for which in order[i % 3:] + order[:i % 3]:
             os.sync()                   # start each from a clean page cache state
             if which == "cp":
                 copied, durable = one_cp(flat, dst)
                 cp_s.append(copied)
                 cp_fsync_s.append(durable)
-            else:
+            elif which == "move":
                 moved, stats = one_move(flat, dst)
                 move_s.append(moved)
+            else:
+                local_s.append(one_local(flat, dst))
     return {"cp_s": statistics.median(cp_s), "cp_fsync_s": statistics.median(cp_fsync_s),
-            "move_s": statistics.median(move_s), "stats": stats,
-            "all": {"cp_s": cp_s, "cp_fsync_s": cp_fsync_s, "move_s": move_s}}
+            "move_s": statistics.median(move_s), "local_s": statistics.median(local_s),
+            "stats": stats,
+            "all": {"cp_s": cp_s, "cp_fsync_s": cp_fsync_s, "move_s": move_s,
+                    "local_s": local_s}}
 
 
 def run(work: str, rounds: int) -> dict:
@@ -168,11 +183,14 @@ def run(work: str, rounds: int) -> dict:
         "file_bytes": size, "allocated_bytes": allocated, "bytes_sent": stats.bytes_sent,
         "sent_le_allocated": stats.bytes_sent <= allocated,
         "move_s": round(moves["move_s"], 3), "cp_s": round(moves["cp_s"], 3),
-        "cp_fsync_s": round(moves["cp_fsync_s"], 3),
+        "cp_fsync_s": round(moves["cp_fsync_s"], 3), "local_s": round(moves["local_s"], 3),
         "move_bytes_per_s": rate(moves["move_s"]), "cp_bytes_per_s": rate(moves["cp_s"]),
         "cp_fsync_bytes_per_s": rate(moves["cp_fsync_s"]),
+        "local_bytes_per_s": rate(moves["local_s"]),
         "ratio_vs_cp": round(moves["cp_s"] / moves["move_s"], 3),
         "ratio_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["move_s"], 3),
+        "ratio_local_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["local_s"], 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "qemu_img_s": {k: round(v, 4) for k, v in steps.items()},
         "runs_s": {k: [round(x, 3) for x in v] for k, v in moves["all"].items()},
     }
@@ -186,14 +204,17 @@ def table(fig: dict) -> str:
         ("cp --sparse=always", f"{fig['cp_s']:.3f} s", f"{fig['cp_bytes_per_s'] / MiB:.0f} MiB/s"),
         ("cp --sparse=always + fsync", f"{fig['cp_fsync_s']:.3f} s",
          f"{fig['cp_fsync_bytes_per_s'] / MiB:.0f} MiB/s"),
+        ("local copy: LocalSink (copy_file_range)", f"{fig['local_s']:.3f} s",
+         f"{fig['local_bytes_per_s'] / MiB:.0f} MiB/s"),
         ("move rate / cp rate", f"{fig['ratio_vs_cp']:.2f}x", ""),
         ("move rate / (cp + fsync) rate", f"{fig['ratio_vs_cp_fsync']:.2f}x", ""),
+        ("local copy rate / (cp + fsync) rate", f"{fig['ratio_local_vs_cp_fsync']:.2f}x", ""),
         ("bytes sent / allocated", f"{fig['bytes_sent']} / {fig['allocated_bytes']}",
          "ok" if fig["sent_le_allocated"] else "MORE THAN ALLOCATED"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"disk benchmark in {fig['dir']} ({fig['fs']}), image {fig['file_bytes']} bytes, "
-             f"median of {fig['rounds']} rounds"]
+             f"median of {fig['rounds']} rounds, load average {fig['load_avg_1m']}"]
     lines += [f"  {name:<{width}}  {value:>24}  {extra}" for name, value, extra in rows]
     return "\n".join(lines)
 

@@ -7,11 +7,20 @@ any offset while a writer appends, snapshots stored beside a log, and `MemoryLog
 in-memory twin with the same contract. Payloads are opaque bytes here; the codec is
 `vmresize.events.codec`.
 
+Every file operation goes through a `Disk` (vmresize.events.disk): the real file system
+by default, or `SimDisk`, which loses unsynced writes at a simulated power cut.
+
 Exceptions:
 
     LogError            the log cannot be used: missing directory, another writer holds
-    │                   the lock, closed, read-only, or an earlier write failed
-    └── CorruptLog      a bad record before the tail; `path` (segment file) and `offset`
+    │                   the lock, closed, read-only
+    ├── CorruptLog      a bad record before the tail; `path` (segment file) and `offset`
+    ├── DiskFull        an append found no space; nothing of it was kept, the log goes on
+    └── LogFailed       a write or fsync failed: every pending and later append raises it
+                        until the log is reopened (fail-stop; an fsync is never retried)
+
+Snapshots: `load_snapshot` skips a snapshot whose CRC does not check (reporting it) and
+falls back to an older one, or None: the caller then replays the log.
 
 Record: 4-byte little-endian payload length, 4-byte little-endian zlib.crc32(payload),
 payload. Segment files are named by the offset of their first record (20 digits, `.seg`).
@@ -20,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
-import fcntl
+import errno
+import logging
 import os
 import re
 import struct
@@ -32,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import msgspec
+
+from vmresize.events.disk import OS_DISK, Disk
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024     # a longer length field is garbage, not a record
 SEGMENT_BYTES_DEFAULT = 64 * 1024 * 1024
@@ -46,10 +57,31 @@ _SNAPSHOT_NAME = re.compile(r"^(\d{20})\.snap$")
 _SNAPSHOT_TEMP_SUFFIX = ".tmp-meta"     # DESIGN §7: stray files carry `lock` or `meta`
 
 Encode = Callable[[int, object], bytes]
+_logger = logging.getLogger(__name__)
 
 
 class LogError(Exception):
     """The log cannot be used (see the module docstring for the tree)."""
+
+
+class DiskFull(LogError):
+    """An append found no space: none of its records were kept (what the disk let
+    through was truncated away, durably) and the log goes on; appends succeed again
+    once there is space."""
+
+    def __init__(self, directory: str | os.PathLike, reason: str):
+        self.directory = str(directory)
+        super().__init__(f"{self.directory}: disk full: {reason}")
+
+
+class LogFailed(LogError):
+    """A write or an fsync failed. Whether the records in flight reached the disk is
+    unknown, so the log stops: every pending and later append raises this, until the
+    log is reopened and recovery reads what the disk really holds."""
+
+    def __init__(self, directory: str | os.PathLike, reason: str):
+        self.directory = str(directory)
+        super().__init__(f"{self.directory}: {reason}; reopen the log")
 
 
 class CorruptLog(LogError):
@@ -105,36 +137,20 @@ def _payloads(first: int, items: list, encode: Encode | None) -> list[bytes]:
     return out
 
 
-def _frame(payloads: list[bytes]) -> tuple[list[bytes], int]:
-    parts = []
-    for payload in payloads:
-        parts.append(_HEADER.pack(len(payload), zlib.crc32(payload)))
-        parts.append(payload)
-    return parts, len(payloads) * _HEADER.size + sum(map(len, payloads))
-
-
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(disk: Disk, fd, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        view = view[disk.write(fd, view):]
 
 
 def segment_name(first_offset: int) -> str:
     return f"{first_offset:020d}.seg"
 
 
-def _segments(directory: Path) -> list[int]:
+def _segments(disk: Disk, directory: Path) -> list[int]:
     """First offsets of the segment files in `directory`, ascending."""
     try:
-        names = os.listdir(directory)
+        names = disk.list_dir(directory)
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_SEGMENT_NAME.match, names) if m)
@@ -165,7 +181,8 @@ class _Cursor:
     or incomplete record at `pos`), or is None when it stopped at a record boundary.
     """
 
-    def __init__(self, directory: Path, first: int):
+    def __init__(self, disk: Disk, directory: Path, first: int):
+        self.disk = disk
         self.directory = directory
         self.first = first
         self.pos = 0
@@ -173,15 +190,15 @@ class _Cursor:
         self.problem: str | None = None
 
     @classmethod
-    def at(cls, directory: Path, start: int) -> "_Cursor | None":
+    def at(cls, disk: Disk, directory: Path, start: int) -> "_Cursor | None":
         """A cursor at the start of the segment holding `start`; None if there is none."""
-        firsts = _segments(directory)
+        firsts = _segments(disk, directory)
         if not firsts:
             return None
         if firsts[0] != 0:
             raise CorruptLog(directory / segment_name(firsts[0]), 0,
                              f"the first segment starts at offset {firsts[0]}, not 0")
-        return cls(directory, firsts[bisect.bisect_right(firsts, start) - 1])
+        return cls(disk, directory, firsts[bisect.bisect_right(firsts, start) - 1])
 
     @property
     def path(self) -> Path:
@@ -195,7 +212,7 @@ class _Cursor:
             yield from self._scan(stop_at)
             if self.offset >= stop_at:
                 return
-            later = [f for f in _segments(self.directory) if f > self.first]
+            later = [f for f in _segments(self.disk, self.directory) if f > self.first]
             if not later:
                 self._check_tail()
                 return
@@ -214,64 +231,69 @@ class _Cursor:
         """Records of the current segment from `pos`; sets `problem` when it stops."""
         self.problem = None
         pos, offset, header = self.pos, self.offset, _HEADER.size
-        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        unpack, crc32, disk = _HEADER.unpack_from, zlib.crc32, self.disk
+        fd = disk.open(self.path, "r")
         try:
-            with open(self.path, "rb") as f:
-                f.seek(pos)
-                buf, i = f.read(_CHUNK_BYTES), 0      # buf[i] is at byte `pos` of the file
-                while offset < stop_at:
-                    avail = len(buf) - i
-                    need = header
-                    if avail >= header:
-                        length, crc = unpack(buf, i)
-                        if not 0 < length <= MAX_RECORD_BYTES:
-                            self.problem = f"bad record length {length}"
-                            return
-                        need = header + length
-                    if avail < need:
-                        more = f.read(max(_CHUNK_BYTES, need - avail))
-                        if not more:
-                            if avail:
-                                self.problem = ("incomplete record header" if avail < header
-                                                else "incomplete record")
-                            return
-                        buf, i = buf[i:] + more, 0
-                        continue
-                    payload = buf[i + header:i + need]
-                    if crc32(payload) != crc:
-                        self.problem = "CRC mismatch"
+            buf, i = disk.pread(fd, _CHUNK_BYTES, pos), 0   # buf[i] is at byte `pos`
+            end = pos + len(buf)                            # where the next read starts
+            while offset < stop_at:
+                avail = len(buf) - i
+                need = header
+                if avail >= header:
+                    length, crc = unpack(buf, i)
+                    if not 0 < length <= MAX_RECORD_BYTES:
+                        self.problem = f"bad record length {length}"
                         return
-                    i += need
-                    pos += need
-                    offset += 1
-                    yield offset - 1, payload
+                    need = header + length
+                if avail < need:
+                    more = disk.pread(fd, max(_CHUNK_BYTES, need - avail), end)
+                    end += len(more)
+                    if not more:
+                        if avail:
+                            self.problem = ("incomplete record header" if avail < header
+                                            else "incomplete record")
+                        return
+                    buf, i = buf[i:] + more, 0
+                    continue
+                payload = buf[i + header:i + need]
+                if crc32(payload) != crc:
+                    self.problem = "CRC mismatch"
+                    return
+                i += need
+                pos += need
+                offset += 1
+                yield offset - 1, payload
         finally:
+            disk.close(fd)
             self.pos, self.offset = pos, offset
 
     def _check_tail(self) -> None:
         """At a problem in the last segment: a torn tail unless valid records follow."""
         if self.problem is None:
             return
-        with open(self.path, "rb") as f:
-            f.seek(self.pos)
-            rest = memoryview(f.read())
+        fd = self.disk.open(self.path, "r")
+        try:
+            rest = memoryview(self.disk.pread(fd, self.disk.size(fd) - self.pos, self.pos))
+        finally:
+            self.disk.close(fd)
         found = _find_valid_record(rest, 1)
         if found >= 0:
             raise CorruptLog(self.path, self.offset, f"{self.problem}; a valid record "
                              f"follows at byte {self.pos + found}")
 
     def file_bytes(self) -> int:
-        return os.path.getsize(self.path)
+        return self.disk.file_size(self.path)
 
 
-def _recover(directory: Path, verify: bool) -> tuple[_Cursor | None, TornTail | None]:
+def _recover(disk: Disk, directory: Path, verify: bool
+             ) -> tuple[_Cursor | None, TornTail | None]:
     """Scan the log; return a cursor at its valid end, and the torn tail if any."""
-    cursor = _Cursor.at(directory, 0)
+    cursor = _Cursor.at(disk, directory, 0)
     if cursor is None:
         return None, None
     if not verify:
         # Older segments are checked when read; their record counts follow from names.
-        cursor = _Cursor(directory, _segments(directory)[-1])
+        cursor = _Cursor(disk, directory, _segments(disk, directory)[-1])
         cursor.offset = cursor.first
     for _ in cursor.records(None):
         pass
@@ -284,95 +306,165 @@ def _recover(directory: Path, verify: bool) -> tuple[_Cursor | None, TornTail | 
 
 # --------------------------------------------------------------------------- SegmentLog
 
+class _Failure:
+    """Why a batch was not written; each appender of it raises its own exception."""
+
+    __slots__ = ("cls", "directory", "reason", "cause")
+
+    def __init__(self, cls: type, directory: Path, reason: str, cause: BaseException):
+        self.cls, self.directory, self.reason, self.cause = cls, directory, reason, cause
+
+    def exception(self) -> "LogError":
+        exc = self.cls(self.directory, self.reason)
+        exc.__cause__ = self.cause
+        return exc
+
+
+class _Batch:
+    """Records queued together: one write and one fsync make all of them durable, or
+    none of them is acknowledged."""
+
+    __slots__ = ("first", "end", "buf", "durable", "failure", "waiters", "loop")
+
+    def __init__(self, first: int):
+        self.first = self.end = first     # its records are [first, end)
+        self.buf = bytearray()            # header, payload, header, payload, ...
+        self.durable = False
+        self.failure: _Failure | None = None
+        self.waiters: list[asyncio.Future] = []   # of coroutines, all on `loop`
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, items: Iterable, encode: Encode | None) -> None:
+        """Frame `items` with consecutive offsets from `end`; all of them or none."""
+        buf, offset, mark = self.buf, self.end, len(self.buf)
+        pack, crc32 = _HEADER.pack, zlib.crc32
+        try:
+            for item in items:
+                payload = item if encode is None else encode(offset, item)
+                if type(payload) is not bytes:
+                    payload = _as_bytes(payload)
+                length = len(payload)
+                # Empty payloads are refused so a zero-filled region never reads as records.
+                if not 0 < length <= MAX_RECORD_BYTES:
+                    raise ValueError(f"a log payload must be 1..{MAX_RECORD_BYTES} bytes, "
+                                     f"got {length}")
+                buf += pack(length, crc32(payload))
+                buf += payload
+                offset += 1
+        except BaseException:
+            del buf[mark:]
+            raise
+        self.end = offset
+
+
+def _as_bytes(payload) -> bytes:
+    if not isinstance(payload, (bytearray, memoryview)):
+        raise TypeError(f"a log payload must be bytes, got {type(payload).__name__}")
+    return bytes(payload)
+
+
+def _settle(waiters: list[asyncio.Future], failure: _Failure | None) -> None:
+    """On the appenders' event loop: wake every coroutine waiting for one batch."""
+    for future in waiters:
+        if not future.done():             # a cancelled appender's records stay written
+            future.set_result(failure)
+
+
 class SegmentLog:
-    """A directory of segment files; one writer (flock on `lock`), any number of readers.
+    """A directory of segment files; one writer (a lock file), any number of readers.
 
     A writer truncates a torn tail on open and reports it in `torn_tail`; a read-only log
     reports it and leaves the files alone (if a writer is appending at that moment, the
     "torn tail" may be a record in flight). `verify=False` checks only the last segment
     on open (older ones are checked as they are read): for restarts from a snapshot
-    that should not read the whole log.
+    that should not read the whole log. `disk` is the I/O boundary (vmresize.events.disk).
+
+    Group commit: appenders add their records to the open batch; whoever finds no batch
+    in flight takes the open batch and writes it with one write and one fsync, with the
+    lock released, while later appenders fill the next one. Threads lead themselves;
+    coroutines are served by one writer thread per log, which wakes their event loop
+    once per batch. A batch is acknowledged only once its fsync returned.
     """
 
     def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,
                  fsync: bool = True, segment_bytes: int = SEGMENT_BYTES_DEFAULT,
-                 create: bool = True, verify: bool = True):
+                 create: bool = True, verify: bool = True, disk: Disk = OS_DISK):
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be > 0, got {segment_bytes}")
         self.directory = Path(directory)
+        self.disk = disk
         self.readonly = readonly
         self.torn_tail: TornTail | None = None
         self.fsyncs = 0                   # fsyncs of segment files, for benchmarks
         self._fsync = fsync
         self._segment_bytes = segment_bytes
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)    # batches settled
+        self._work = threading.Condition(self._lock)    # the writer thread has work
         self._closed = False
-        self._failed: BaseException | None = None
-        self._lock_fd: int | None = None
-        self._fd: int | None = None
+        self._failure: _Failure | None = None           # fail-stop: reopen to go on
+        self._lock_fd = None
+        self._fd = None
         self._seg_first = 0
         self._seg_size = 0
-        self._next = 0                    # offset the next reserved record gets
+        self._open = _Batch(0)            # where appends go
+        self._inflight: _Batch | None = None
         self._flushed = 0                 # records below this are written (and fsync'd)
-        self._flushing = False            # a leader is writing with the lock released
-        self._pending: list[bytes] = []   # header, payload, header, payload, ...
-        self._pending_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: collections.deque = collections.deque()   # (end offset, future)
-        self._flusher: asyncio.Task | None = None
+        self._writer: threading.Thread | None = None
+        self._writer_idle = False         # waiting for `_work`: notify it
         if readonly:
             self._open_readonly(verify)
         else:
             self._open_writer(create, verify)
 
     def _open_readonly(self, verify: bool) -> None:
-        if not self.directory.is_dir():
+        if not self.disk.is_dir(self.directory):
             raise LogError(f"{self.directory}: no such log directory")
-        cursor, self.torn_tail = _recover(self.directory, verify)
-        self._next = self._flushed = cursor.offset if cursor else 0
+        cursor, self.torn_tail = _recover(self.disk, self.directory, verify)
+        self._flushed = cursor.offset if cursor else 0
+        self._open = _Batch(self._flushed)
         self._closed = True               # nothing to write; reads stay available
 
     def _open_writer(self, create: bool, verify: bool) -> None:
-        if create and not self.directory.is_dir():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.directory.parent)
-        if not self.directory.is_dir():
+        disk = self.disk
+        if create and not disk.is_dir(self.directory):
+            disk.make_dirs(self.directory)
+            disk.fsync_dir(self.directory.parent)
+        if not disk.is_dir(self.directory):
             raise LogError(f"{self.directory}: no such log directory")
-        self._lock()
+        self._take_lock()
         try:
-            cursor, self.torn_tail = _recover(self.directory, verify)
+            cursor, self.torn_tail = _recover(disk, self.directory, verify)
             if cursor is None:
                 self._create_segment(0)
             else:
                 self._reopen_segment(cursor)
         except BaseException:
-            os.close(self._lock_fd)
+            disk.close(self._lock_fd)
             raise
 
-    def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    def _take_lock(self) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = self.disk.lock(self.directory / LOCK_NAME)
         except BlockingIOError:
-            os.close(fd)
             raise LogError(f"{self.directory}: another writer holds the log's lock") from None
-        self._lock_fd = fd
 
     def _reopen_segment(self, cursor: _Cursor) -> None:
-        path = cursor.path
+        disk = self.disk
+        self._fd = disk.open(cursor.path, "a")
         if self.torn_tail is not None:
-            os.truncate(path, cursor.pos)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        if self.torn_tail is not None:
-            os.fsync(self._fd)            # the truncation must stick before we append
+            disk.truncate(self._fd, cursor.pos)
+            disk.fsync(self._fd)          # the truncation must stick before we append
         self._seg_first, self._seg_size = cursor.first, cursor.pos
-        self._next = self._flushed = cursor.offset
-        assert os.fstat(self._fd).st_size == cursor.pos
+        self._flushed = cursor.offset
+        self._open = _Batch(cursor.offset)
+        assert disk.size(self._fd) == cursor.pos
 
     def _create_segment(self, first: int) -> None:
         path = self.directory / segment_name(first)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        _fsync_dir(self.directory)
+        self._fd = self.disk.open(path, "x")
+        self.disk.fsync_dir(self.directory)
         self._seg_first, self._seg_size = first, 0
 
     # -- properties and lifecycle
@@ -380,8 +472,8 @@ class SegmentLog:
     @property
     def next_offset(self) -> int:
         """The offset the next append gets (for a read-only log: its end when opened)."""
-        with self._cond:
-            return self._next
+        with self._lock:
+            return self._open.end
 
     def __enter__(self) -> "SegmentLog":
         return self
@@ -391,182 +483,244 @@ class SegmentLog:
 
     def close(self) -> None:
         """Write what is queued, then release the files and the lock. Idempotent."""
-        with self._cond:
+        failure = None
+        with self._lock:
             if self._closed:
                 return
             try:
-                if self._failed is None:
-                    self._flush_locked(self._next)
+                while self._failure is None and (self._inflight is not None
+                                                 or self._open.end > self._open.first):
+                    if self._inflight is None:
+                        batch = self._open
+                        self._lead(self._fsync)
+                        failure = failure or batch.failure
+                    else:
+                        self._cond.wait()
             finally:
                 self._closed = True
                 for fd in (self._fd, self._lock_fd):
                     if fd is not None:
-                        os.close(fd)
+                        self.disk.close(fd)
                 self._fd = self._lock_fd = None
                 self._cond.notify_all()
+                self._work.notify_all()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+        if failure is not None:           # what close had to write was not kept
+            raise failure.exception() from failure.cause
 
     def sync(self) -> None:
         """Write what is queued and fsync it, even with fsync=False."""
         if self.readonly:
             return
-        with self._cond:
+        with self._lock:
             self._check_writable()
-            self._flush_locked(self._next, force_sync=True)
+            while self._inflight is not None:
+                self._cond.wait()
+            self._check_writable()
+            batch = self._open
+            self._lead(sync=True)
+            if batch.failure is not None:
+                raise batch.failure.exception() from batch.failure.cause
 
     def _check_writable(self) -> None:
         if self.readonly:
             raise LogError(f"{self.directory}: the log is open read-only")
+        if self._failure is not None:
+            raise self._failure.exception() from self._failure.cause
         if self._closed:
             raise LogError(f"{self.directory}: the log is closed")
-        if self._failed is not None:
-            raise LogError(f"{self.directory}: an earlier write failed ({self._failed}); "
-                           f"reopen the log") from self._failed
 
     # -- appending
 
     def append(self, items: Iterable, encode: Encode | None = None) -> int:
         """Append a batch with consecutive offsets; return the first once it is durable."""
-        items = list(items)
-        with self._cond:
+        with self._lock:
             self._check_writable()
-            first = self._next
-            if not items:
+            batch = self._open
+            first = batch.end
+            batch.add(items, encode)
+            if batch.end == first:
                 return first
-            parts, nbytes = _frame(_payloads(first, items, encode))
-            if not self._fsync and not self._flushing and not self._pending:
-                self._write_now(parts, nbytes, first, len(items))
-                return first
-            self._enqueue(parts, nbytes, len(items))
-            self._flush_locked(self._next)
+            while not batch.durable:
+                if batch.failure is not None:
+                    raise batch.failure.exception() from batch.failure.cause
+                if self._inflight is None:
+                    self._lead(self._fsync)
+                else:
+                    self._cond.wait()
         return first
 
-    def _enqueue(self, parts: list[bytes], nbytes: int, count: int) -> None:
-        self._pending.extend(parts)
-        self._pending_bytes += nbytes
-        self._next += count
-
-    def _write_now(self, parts: list[bytes], nbytes: int, first: int, count: int) -> None:
-        """The fsync=False path: nothing to wait for, so write under the lock."""
-        try:
-            self._write_batch(parts, nbytes, first, sync=False)
-        except BaseException as exc:
-            self._failed = exc
-            raise LogError(f"{self.directory}: write failed: {exc}") from exc
-        self._next = self._flushed = first + count
-
-    def _flush_locked(self, target: int, force_sync: bool = False) -> None:
-        """Group commit: wait until records below `target` are written, leading if no one is.
-
-        Called with the lock held. The leader takes everything queued so far, releases
-        the lock for write + fsync, so appenders arriving meanwhile queue the next batch.
-        """
-        while self._flushed < target or force_sync:
-            if self._failed is not None:
-                raise LogError(f"{self.directory}: write failed: {self._failed}"
-                               ) from self._failed
-            if self._flushing:
-                self._cond.wait()
-                continue
-            self._lead(force_sync)
-            force_sync = False
-
-    def _lead(self, force_sync: bool) -> None:
-        parts, nbytes = self._pending, self._pending_bytes
-        first, end = self._flushed, self._next
-        assert len(parts) == 2 * (end - first), "pending records are not gapless"
-        self._pending, self._pending_bytes, self._flushing = [], 0, True
-        failure = None
-        self._cond.release()
-        try:
-            self._write_batch(parts, nbytes, first, sync=self._fsync or force_sync)
-        except BaseException as exc:
-            failure = exc
-        finally:
-            self._cond.acquire()
-            self._flushing = False
-            if failure is None:
-                self._flushed = end
-            else:
-                self._failed = failure
-            self._cond.notify_all()
-        if failure is not None:
-            raise LogError(f"{self.directory}: write failed: {failure}") from failure
-
-    def _write_batch(self, parts: list[bytes], nbytes: int, first: int, sync: bool) -> None:
-        """Write one batch into one segment. The caller holds the writer role."""
-        if self._seg_size and self._seg_size + nbytes > self._segment_bytes:
-            self._roll(first)
-        if parts:
-            _write_all(self._fd, b"".join(parts))
-            self._seg_size += nbytes
-        if sync:
-            os.fsync(self._fd)
-            self.fsyncs += 1
-
-    def _roll(self, first: int) -> None:
-        # Always fsync the old segment, even with fsync=False: a segment that has a
-        # successor is then complete, which is what lets recovery call any bad record
-        # outside the last segment corruption.
-        os.fsync(self._fd)
-        self.fsyncs += 1
-        os.close(self._fd)
-        self._fd = None
-        self._create_segment(first)
-
     async def append_async(self, items: Iterable, encode: Encode | None = None) -> int:
-        """Append from a coroutine; one flusher writes and fsyncs every queued batch."""
-        if not self._fsync:
-            # Nothing slow to wait for (the write lands in the page cache): no thread hop.
+        """Append from a coroutine; the log's writer thread writes and fsyncs the batch
+        while the event loop goes on, and wakes every coroutine of the batch at once."""
+        if not self._fsync or self.disk.inline:
+            # Nothing slow to wait for (page cache, or an in-memory disk): no thread hop.
             return self.append(items, encode)
-        items = list(items)
         loop = asyncio.get_running_loop()
-        self._bind_loop(loop)
-        with self._cond:
-            self._check_writable()
-            first = self._next
-            if not items:
+        with self._lock:
+            if self._closed or self._failure is not None:
+                self._check_writable()
+            if self._loop is not loop:
+                self._bind_loop(loop)
+            batch = self._open
+            first = batch.end
+            batch.add(items, encode)
+            if batch.end == first:
                 return first
-            parts, nbytes = _frame(_payloads(first, items, encode))
-            self._enqueue(parts, nbytes, len(items))
-            end = self._next
-        assert not self._waiters or self._waiters[-1][0] < end
-        future = loop.create_future()
-        self._waiters.append((end, future))
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_waiters())
-        await future
+            future = loop.create_future()
+            batch.waiters.append(future)
+            batch.loop = loop
+            if self._writer_idle:
+                self._writer_idle = False
+                self._work.notify()
+            elif self._writer is None:
+                self._start_writer()
+        failure = await future
+        if failure is not None:
+            raise failure.exception() from failure.cause
         return first
 
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is loop:
-            return
-        if self._waiters and not self._loop.is_closed():
-            raise LogError(f"{self.directory}: append_async from two event loops at once")
-        self._loop, self._flusher = loop, None
-        self._waiters.clear()
+        for batch in (self._open, self._inflight):
+            if batch is not None and batch.waiters:
+                if not batch.loop.is_closed():
+                    raise LogError(f"{self.directory}: append_async from two event loops "
+                                   f"at once")
+                batch.waiters = []        # their loop is gone, and they with it
+        self._loop = loop
 
-    async def _flush_waiters(self) -> None:
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name=f"log-writer:{self.directory}")
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        """The writer thread: lead every batch coroutines are waiting for."""
+        with self._lock:
+            while not self._closed and self._failure is None:
+                if self._inflight is None and self._open.end > self._open.first:
+                    self._lead(sync=True)
+                else:
+                    self._writer_idle = True
+                    self._work.wait()
+                    self._writer_idle = False
+
+    def _lead(self, sync: bool) -> None:
+        """Write the open batch (and fsync it when `sync`); settle it. Called with the
+        lock held; released during the I/O when it may be slow (an fsync) so that
+        appenders fill the next batch meanwhile."""
+        batch = self._open
+        self._open = _Batch(batch.end)
+        self._inflight = batch
+        if sync:
+            self._lock.release()
         try:
-            while self._waiters:
-                target = self._waiters[-1][0]
-                try:
-                    await asyncio.to_thread(self._flush_until, target)
-                except Exception as exc:
-                    while self._waiters:
-                        _, future = self._waiters.popleft()
-                        if not future.done():
-                            future.set_exception(exc)
-                    return
-                while self._waiters and self._waiters[0][0] <= target:
-                    _, future = self._waiters.popleft()
-                    if not future.done():     # a cancelled appender's records stay written
-                        future.set_result(None)
+            failure = self._write(batch, sync)
         finally:
-            self._flusher = None
+            if sync:
+                self._lock.acquire()
+            self._inflight = None
+        if failure is None:
+            batch.durable = True
+            self._flushed = batch.end
+        else:
+            self._lose(batch, failure)
+        self._cond.notify_all()
+        if self._writer_idle and (self._open.end > self._open.first
+                                  or self._failure is not None):
+            self._writer_idle = False
+            self._work.notify()
+        if batch.waiters:
+            self._wake(batch)
 
-    def _flush_until(self, target: int) -> None:
-        with self._cond:
-            self._flush_locked(target)
+    def _lose(self, batch: _Batch, failure: _Failure) -> None:
+        """`batch` was not written. The open batch behind it fails too: its records were
+        encoded with the offsets that follow `batch`, which the next append reuses."""
+        if failure.cls is LogFailed:
+            self._failure = failure
+        batch.failure = failure
+        lost_too = self._open
+        lost_too.failure = failure
+        self._open = _Batch(batch.first)
+        assert self._flushed == batch.first, "a lost batch must follow the durable ones"
+        if lost_too.waiters:
+            self._wake(lost_too)
+
+    @staticmethod
+    def _wake(batch: _Batch) -> None:
+        try:
+            batch.loop.call_soon_threadsafe(_settle, batch.waiters, batch.failure)
+        except RuntimeError:              # its loop is closed: no one is waiting any more
+            pass
+
+    def _write(self, batch: _Batch, sync: bool) -> _Failure | None:
+        """Write one batch into one segment and fsync it when `sync`. The caller holds the
+        writer role. A full disk undoes the partial write; any other error is fatal."""
+        data, disk = batch.buf, self.disk
+        if self._seg_size and self._seg_size + len(data) > self._segment_bytes:
+            failure = self._roll(batch.first)
+            if failure is not None:
+                return failure
+        start = self._seg_size
+        try:
+            _write_all(disk, self._fd, data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return self._undo_write(start, exc)
+            return self._stop("write", exc)
+        self._seg_size = start + len(data)
+        if sync:
+            try:
+                disk.fsync(self._fd)
+            except OSError as exc:
+                # Never retried: the kernel may have dropped the pages it failed to
+                # write, and a second fsync would report success over the loss.
+                return self._stop("fsync", exc)
+            self.fsyncs += 1
+        return None
+
+    def _undo_write(self, start: int, exc: OSError) -> _Failure:
+        """Cut what a full disk let through, durably: a record of a refused append must
+        never come back after a crash."""
+        try:
+            self.disk.truncate(self._fd, start)
+            self.disk.fsync(self._fd)
+        except OSError as again:
+            return self._stop("truncate after a full disk", again)
+        return _Failure(DiskFull, self.directory, f"no space left for the append ({exc})",
+                        exc)
+
+    def _stop(self, what: str, exc: BaseException) -> _Failure:
+        return _Failure(LogFailed, self.directory, f"{what} failed: {exc}", exc)
+
+    def _roll(self, first: int) -> _Failure | None:
+        # Always fsync the old segment, even with fsync=False: a segment that has a
+        # successor is then complete, which is what lets recovery call any bad record
+        # outside the last segment corruption.
+        disk = self.disk
+        try:
+            disk.fsync(self._fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            return self._stop("fsync", exc)
+        path = self.directory / segment_name(first)
+        try:
+            fd = disk.open(path, "x")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return _Failure(DiskFull, self.directory, f"no space for a new segment "
+                                f"({exc})", exc)
+            return self._stop("creating a segment", exc)
+        try:
+            disk.fsync_dir(self.directory)
+        except OSError as exc:
+            disk.close(fd)
+            return self._stop("fsync of the log directory", exc)
+        disk.close(self._fd)
+        self._fd, self._seg_first, self._seg_size = fd, first, 0
+        return None
 
     # -- reading
 
@@ -574,7 +728,7 @@ class SegmentLog:
         """Stream (offset, payload) from `start` to `stop` or to what is written now."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        cursor = _Cursor.at(self.directory, start)
+        cursor = _Cursor.at(self.disk, self.directory, start)
         if cursor is None:
             return
         expected = start
@@ -589,7 +743,7 @@ class SegmentLog:
         """Yield records from `start` on as they are written, until `stop_event` is set."""
         cursor, expected = None, start
         while stop_event is None or not stop_event.is_set():
-            cursor = cursor or _Cursor.at(self.directory, start)
+            cursor = cursor or _Cursor.at(self.disk, self.directory, start)
             if cursor is not None:
                 for offset, payload in cursor.records(None):
                     if offset >= start:
@@ -682,59 +836,95 @@ def snapshot_name(offset: int) -> str:
     return f"{offset:020d}.snap"
 
 
-def save_snapshot(snapshot_dir: str | os.PathLike, offset: int, data: bytes) -> Path:
+def save_snapshot(snapshot_dir: str | os.PathLike, offset: int, data: bytes,
+                  *, disk: Disk = OS_DISK) -> Path:
     """Store `data` as covering records [0, offset); keep the newest SNAPSHOTS_KEPT."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     directory = Path(snapshot_dir)
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(directory.parent)
+    if not disk.is_dir(directory):
+        disk.make_dirs(directory)
+        disk.fsync_dir(directory.parent)
     head = struct.pack("<Q", offset)
     content = _SNAPSHOT_HEADER.pack(offset, zlib.crc32(data, zlib.crc32(head))) + data
     final = directory / snapshot_name(offset)
     temp = directory / (snapshot_name(offset) + _SNAPSHOT_TEMP_SUFFIX)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = disk.open(temp, "w")
     try:
-        _write_all(fd, content)
-        os.fsync(fd)
+        _write_all(disk, fd, content)
+        disk.fsync(fd)
     finally:
-        os.close(fd)
-    os.replace(temp, final)
-    _fsync_dir(directory)
-    _prune_snapshots(directory)
+        disk.close(fd)
+    disk.rename(temp, final)
+    disk.fsync_dir(directory)
+    _prune_snapshots(disk, directory)
     return final
 
 
-def _prune_snapshots(directory: Path) -> None:
-    names = os.listdir(directory)
+def _prune_snapshots(disk: Disk, directory: Path) -> None:
+    names = disk.list_dir(directory)
     kept = sorted(n for n in names if _SNAPSHOT_NAME.match(n))[-SNAPSHOTS_KEPT:]
     # Temp files are leftovers of a crash mid-save: ours was renamed already.
     doomed = [n for n in names if (_SNAPSHOT_NAME.match(n) and n not in kept)
               or n.endswith(".snap" + _SNAPSHOT_TEMP_SUFFIX)]
     for name in doomed:
-        os.unlink(directory / name)
+        disk.unlink(directory / name)
     if doomed:
-        _fsync_dir(directory)
+        disk.fsync_dir(directory)
 
 
-def load_snapshot(snapshot_dir: str | os.PathLike) -> tuple[int, bytes] | None:
-    """The newest snapshot whose CRC checks, as (offset, data); None if there is none.
+def _read_file(disk: Disk, path: Path) -> bytes:
+    fd = disk.open(path, "r")
+    try:
+        size, parts, got = disk.size(fd), [], 0
+        while got < size:
+            part = disk.pread(fd, size - got, got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+    finally:
+        disk.close(fd)
 
-    Writes nothing, so auditors may call it on a read-only state directory.
+
+def _warn_skipped(path: str, reason: str) -> None:
+    _logger.warning("snapshot %s skipped: %s; falling back to an older one or the log",
+                    path, reason)
+
+
+def load_snapshot(snapshot_dir: str | os.PathLike, *, disk: Disk = OS_DISK,
+                  report: Callable[[str, str], None] = _warn_skipped
+                  ) -> tuple[int, bytes] | None:
+    """The newest snapshot whose CRC checks, as (offset, data); None if there is none
+    (the caller then replays the whole log).
+
+    Every snapshot skipped (unreadable, short, CRC or offset mismatch) is passed to
+    `report(path, reason)`, by default a warning on this module's logger. Writes
+    nothing, so auditors may call it on a read-only state directory.
     """
     directory = Path(snapshot_dir)
     try:
-        names = os.listdir(directory)
+        names = disk.list_dir(directory)
     except FileNotFoundError:
         return None
     for name in sorted((n for n in names if _SNAPSHOT_NAME.match(n)), reverse=True):
-        content = (directory / name).read_bytes()
+        path = directory / name
+        try:
+            content = _read_file(disk, path)
+        except OSError as exc:
+            report(str(path), f"unreadable: {exc}")
+            continue
         if len(content) < _SNAPSHOT_HEADER.size:
+            report(str(path), f"{len(content)} bytes, shorter than its header")
             continue
         offset, crc = _SNAPSHOT_HEADER.unpack_from(content)
         data = content[_SNAPSHOT_HEADER.size:]
-        if offset != int(name[:20]) or zlib.crc32(data, zlib.crc32(content[:8])) != crc:
+        if offset != int(name[:20]):
+            report(str(path), f"it says offset {offset}, its name {int(name[:20])}")
+            continue
+        if zlib.crc32(data, zlib.crc32(content[:8])) != crc:
+            report(str(path), "CRC mismatch")
             continue
         return offset, data
     return None

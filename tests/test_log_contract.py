@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from vmresize.events.log import (LOCK_NAME, CorruptLog, LogError, MemoryLog, SegmentLog,
-                                 TornTail, load_snapshot, save_snapshot, segment_name)
+from vmresize.events.disk import OsDisk, SimDisk
+from vmresize.events.log import (LOCK_NAME, CorruptLog, DiskFull, LogError, LogFailed,
+                                 MemoryLog, SegmentLog, TornTail, load_snapshot,
+                                 save_snapshot, segment_name)
 
 TINY_SEGMENT_BYTES = 256
 
@@ -198,13 +201,51 @@ class TestMemoryLog(LogContract):
             log.close()
 
 
+class SpyDisk(OsDisk):
+    """The real file system, remembering how much of each file its last fsync covered."""
+
+    def __init__(self) -> None:
+        self.fsyncs = 0
+        self._paths: dict[int, str] = {}
+        self._synced: dict[str, int] = {}
+
+    def open(self, path, mode: str) -> int:
+        fd = super().open(path, mode)
+        self._paths[fd] = str(path)
+        return fd
+
+    def fsync(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        os.fsync(fd)
+        self.fsyncs += 1
+        self._synced[self._paths[fd]] = size
+
+    def durable_bytes(self, path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()[:self._synced.get(str(path), 0)]
+
+
+def durable_payloads(log: SegmentLog) -> bytes:
+    """Every segment's bytes that an fsync covered, joined."""
+    names = sorted(n for n in log.disk.list_dir(log.directory) if n.endswith(".seg"))
+    return b"".join(log.disk.durable_bytes(log.directory / n) for n in names)
+
+
 class TestSegmentLog(LogContract):
     @pytest.fixture
-    def make(self, tmp_path):
+    def disk(self):
+        return SpyDisk()
+
+    @pytest.fixture
+    def base(self, tmp_path):
+        return tmp_path
+
+    @pytest.fixture
+    def make(self, disk, base):
         logs = []
 
         def factory(**options):
-            logs.append(SegmentLog(tmp_path / f"log{len(logs)}", **options))
+            logs.append(SegmentLog(base / f"log{len(logs)}", disk=disk, **options))
             return logs[-1]
 
         yield factory
@@ -217,33 +258,91 @@ class TestSegmentLog(LogContract):
         for i in range(0, 50, 3):
             log.append(items[i:i + 3])
         log.close()
-        again = SegmentLog(log.directory, segment_bytes=TINY_SEGMENT_BYTES)
+        again = SegmentLog(log.directory, segment_bytes=TINY_SEGMENT_BYTES, disk=log.disk)
         assert again.torn_tail is None
         assert again.next_offset == 50
         assert list(again.read()) == list(enumerate(items))
         assert again.append([b"more"]) == 50
         again.close()
-        assert len(list(SegmentLog(log.directory, readonly=True).read())) == 51
+        readonly = SegmentLog(log.directory, readonly=True, disk=log.disk)
+        assert len(list(readonly.read())) == 51
 
     def test_segment_files_are_named_by_first_offset(self, make):
         log = make(segment_bytes=TINY_SEGMENT_BYTES)
         for i in range(30):
             log.append([payload("n", i) * 10])
-        firsts = sorted(int(n[:20]) for n in os.listdir(log.directory) if n.endswith(".seg"))
+        firsts = sorted(int(n[:20]) for n in log.disk.list_dir(log.directory)
+                        if n.endswith(".seg"))
         assert firsts[0] == 0 and len(firsts) > 3
         for first in firsts:
             assert next(iter(log.read(first)))[0] == first
-            assert (log.directory / segment_name(first)).stat().st_size <= TINY_SEGMENT_BYTES
+            assert log.disk.file_size(log.directory / segment_name(first)) <= TINY_SEGMENT_BYTES
 
-    def test_append_async_groups_commits(self, make):
+    def test_append_async_groups_commits_and_acknowledges_only_durable_records(self, make):
         log = make()
+        not_durable_when_acknowledged = []
+
+        async def append(i: int) -> None:
+            item = payload("g", i) + b"#"
+            await log.append_async([item])
+            if item not in durable_payloads(log):
+                not_durable_when_acknowledged.append(item)
 
         async def main():
-            await asyncio.gather(*(log.append_async([payload("g", i)]) for i in range(64)))
+            await asyncio.gather(*(append(i) for i in range(64)))
 
         asyncio.run(main())
         assert log.next_offset == 64
-        assert log.fsyncs < 64
+        assert not_durable_when_acknowledged == []
+        assert 1 <= log.disk.fsyncs < 64, "one fsync must cover many appends"
+
+    def test_threads_are_acknowledged_only_once_durable(self, make):
+        log = make()
+        missing = []
+
+        def appender(t: int) -> None:
+            for j in range(20):
+                item = payload(f"t{t}", j) + b"#"
+                log.append([item])
+                if item not in durable_payloads(log):
+                    missing.append(item)
+
+        threads = [threading.Thread(target=appender, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert log.next_offset == 160 and missing == []
+        assert 1 <= log.disk.fsyncs <= 160
+
+
+class TestSegmentLogOnSimDisk(TestSegmentLog):
+    """The same contract on the simulated disk, with a writer thread as on a real one."""
+
+    @pytest.fixture
+    def disk(self):
+        return SimDisk(random.Random(0), inline=False)
+
+    @pytest.fixture
+    def base(self):
+        return Path("/sim")
+
+
+class TestSegmentLogOnInlineSimDisk(LogContract):
+    """The simulator's mode: every operation on the caller's thread, no writer thread."""
+
+    @pytest.fixture
+    def make(self):
+        disk, logs = SimDisk(random.Random(0)), []
+
+        def factory(**options):
+            logs.append(SegmentLog(f"/sim/log{len(logs)}", disk=disk, **options))
+            return logs[-1]
+
+        yield factory
+        for log in logs:
+            assert log._writer is None, "an inline disk needs no writer thread"
+            log.close()
 
 
 # --------------------------------------------------------------------------- files only
@@ -430,10 +529,14 @@ def test_snapshots_save_load_newest_and_skip_corrupt(tmp_path):
     data[-1] ^= 0x01
     newest.write_bytes(bytes(data))
     before = tree(snapshots)
-    assert load_snapshot(snapshots) == (30, b"state@30")
+    skipped = []
+    report = lambda path, reason: skipped.append((path, reason))       # noqa: E731
+    assert load_snapshot(snapshots, report=report) == (30, b"state@30")
+    assert skipped == [(str(newest), "CRC mismatch")]
     assert tree(snapshots) == before                              # load writes nothing
     (snapshots / f"{30:020d}.snap").write_bytes(b"short")
-    assert load_snapshot(snapshots) == (20, b"state@20")
+    assert load_snapshot(snapshots, report=report) == (20, b"state@20")
+    assert len(skipped) == 3 and "shorter than its header" in skipped[-1][1]
 
 
 def test_snapshot_offset_must_match_its_name(tmp_path):
@@ -474,3 +577,335 @@ with SegmentLog({str(directory)!r}, fsync=False, segment_bytes=4096) as log:
         assert got == [(i, b"p-%d" % i) for i in range(total)]
     finally:
         assert writer.wait(timeout=60) == 0
+
+
+# --------------------------------------------------------------------------- durability and faults
+# On the simulated disk: a blocking fsync, a full disk, a failing fsync, a power cut.
+
+SIM_LOG = Path("/sim/log")
+
+
+class PowerCut(Exception):
+    """Raised from inside an fsync: the machine lost power before the fsync returned."""
+
+
+class HeldFsync:
+    """An `on_fsync` hook that holds every fsync of a segment until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, path: str) -> None:
+        if path.endswith(".seg"):
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the fsync"
+
+
+def sim_log(inline: bool = False, **options) -> tuple[SimDisk, SegmentLog]:
+    disk = SimDisk(random.Random(1), inline=inline)
+    return disk, SegmentLog(SIM_LOG, disk=disk, **options)
+
+
+def reopened(disk: SimDisk, **options) -> SegmentLog:
+    return SegmentLog(SIM_LOG, disk=disk, **options)
+
+
+def test_append_returns_only_after_its_fsync_returned():
+    disk, log = sim_log()
+    log.append([b"first"])
+    held = HeldFsync()
+    disk.on_fsync = held
+    returned = {}
+
+    def append(item: bytes) -> None:
+        returned[item] = log.append([item])
+
+    leader = threading.Thread(target=append, args=(b"a",))
+    leader.start()
+    assert held.entered.wait(10)                # "a" is in flight, its fsync held
+    held.entered.clear()
+    others = [threading.Thread(target=append, args=(item,)) for item in (b"b", b"c")]
+    for thread in others:
+        thread.start()
+    # "b" and "c" queue behind "a"; none of the three may return while an fsync is held.
+    for thread in [leader, *others]:
+        thread.join(0.1)
+    assert returned == {} and all(t.is_alive() for t in [leader, *others])
+    held.release.set()
+    for thread in [leader, *others]:
+        thread.join(10)
+    assert sorted(returned) == [b"a", b"b", b"c"]
+    disk.crash(keep_bytes=0)                    # every acknowledged record was durable
+    with reopened(disk) as log:
+        assert sorted(p for _, p in log.read()) == [b"a", b"b", b"c", b"first"]
+
+
+def test_append_async_resolves_only_after_its_fsync_returned():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(log.append_async([payload("a", i)])) for i in range(8)]
+        entered = loop.run_in_executor(None, held.entered.wait, 10)
+        first, _ = await asyncio.wait([entered, *tasks], timeout=10,
+                                      return_when=asyncio.FIRST_COMPLETED)
+        assert first == {entered}, "acknowledged before any fsync was called"
+        done, _ = await asyncio.wait(tasks, timeout=0.2)   # the loop runs on meanwhile
+        assert done == set(), "resolved while its fsync was held"
+        held.release.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    assert sorted(asyncio.run(main())) == list(range(8))
+    log.close()
+    disk.crash(keep_bytes=0)
+    with reopened(disk) as again:
+        assert sorted(p for _, p in again.read()) == sorted(payload("a", i) for i in range(8))
+
+
+def test_a_coroutine_queued_behind_a_thread_is_written():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+    thread = threading.Thread(target=log.append, args=([b"thread"],))
+    thread.start()
+    assert held.entered.wait(10)                # the thread leads; its fsync is held
+
+    async def main():
+        task = asyncio.create_task(log.append_async([b"coroutine"]))
+        await asyncio.sleep(0)                  # queued behind the thread's batch
+        held.release.set()
+        await asyncio.wait([task], timeout=10)
+        return task.result()
+
+    assert asyncio.run(main()) == 1
+    thread.join(10)
+    log.close()
+
+
+def test_a_cancelled_appender_does_not_cancel_the_rest_of_its_batch():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        tasks = [asyncio.create_task(log.append_async([payload("c", i)])) for i in range(4)]
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
+        tasks[1].cancel()
+        held.release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [r for i, r in enumerate(results) if i != 1] == [0, 2, 3]
+    assert [p for _, p in log.read()] == [payload("c", i) for i in range(4)]   # kept
+    log.close()
+
+
+def test_a_full_disk_refuses_the_append_and_the_log_goes_on():
+    disk, log = sim_log(inline=True)
+    log.append([b"before-1", b"before-2"])
+    segment = SIM_LOG / segment_name(0)
+    size = disk.file_size(segment)
+    disk.set_free_bytes(20)                              # room for part of the batch
+    with pytest.raises(DiskFull) as caught:
+        log.append([b"x" * 8, b"y" * 8, b"z" * 8])
+    assert str(SIM_LOG) in str(caught.value) and caught.value.directory == str(SIM_LOG)
+    assert disk.file_size(segment) == size, "the partial write is truncated away"
+    assert log.next_offset == 2
+    assert [p for _, p in log.read()] == [b"before-1", b"before-2"]
+    with pytest.raises(DiskFull):                        # still full: refused again
+        log.append([b"w" * 30])
+    disk.set_free_bytes(None)
+    assert log.append([b"after"]) == 2                   # the offsets did not move
+    disk.crash()
+    with reopened(disk) as again:
+        assert again.torn_tail is None
+        assert [p for _, p in again.read()] == [b"before-1", b"before-2", b"after"]
+
+
+def test_a_refused_append_never_comes_back_after_a_crash():
+    for seed in range(30):
+        disk = SimDisk(random.Random(seed))
+        with SegmentLog(SIM_LOG, disk=disk) as log:
+            log.append([b"kept"])
+            disk.set_free_bytes(8 + 4 + 8 + 2)           # one whole record fits, not two
+            with pytest.raises(DiskFull):
+                log.append([b"lost", b"also-lost"])
+        disk.crash()
+        with reopened(disk) as again:
+            assert [p for _, p in again.read()] == [b"kept"], f"seed {seed}"
+
+
+def test_a_full_disk_fails_every_appender_queued_behind_the_batch():
+    disk, log = sim_log()
+    log.append([b"zero"])
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        first = asyncio.create_task(log.append_async([b"one"]))
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
+        queued = [asyncio.create_task(log.append_async([payload("q", i)])) for i in range(3)]
+        await asyncio.sleep(0)                           # they are queued now
+        disk.set_free_bytes(0)
+        held.release.set()
+        results = await asyncio.gather(first, *queued, return_exceptions=True)
+        disk.set_free_bytes(None)
+        return results, await log.append_async([b"two"])
+
+    results, offset = asyncio.run(main())
+    assert results[0] == 1
+    assert all(isinstance(r, DiskFull) for r in results[1:])
+    assert offset == 2
+    assert [p for _, p in log.read()] == [b"zero", b"one", b"two"]
+    log.close()
+
+
+def test_a_full_disk_when_a_segment_rolls_over():
+    disk, log = sim_log(inline=True, segment_bytes=64)
+    items = [payload("r", i) * 3 for i in range(6)]
+    for item in items[:4]:
+        log.append([item])
+    disk.set_free_bytes(0)
+    with pytest.raises(DiskFull):
+        log.append([items[4]])
+    disk.set_free_bytes(None)
+    assert log.append([items[4], items[5]]) == 4
+    log.close()
+    disk.crash(keep_bytes=0)
+    with reopened(disk, segment_bytes=64) as again:
+        assert again.torn_tail is None
+        assert [p for _, p in again.read()] == items
+
+
+def test_a_failed_fsync_stops_the_log_until_it_is_reopened():
+    disk, log = sim_log(inline=True)
+    log.append([b"acknowledged"])
+    disk.fail_fsync()
+    with pytest.raises(LogFailed) as caught:
+        log.append([b"unknown"])
+    assert "fsync failed" in str(caught.value) and str(SIM_LOG) in str(caught.value)
+    fsyncs = disk.fsyncs
+    for _ in range(2):                     # fsync works again, but the log never retries
+        with pytest.raises(LogFailed):
+            log.append([b"later"])
+    with pytest.raises(LogFailed):
+        asyncio.run(log.append_async([b"later"]))
+    with pytest.raises(LogFailed):
+        log.sync()
+    assert disk.fsyncs == fsyncs
+    log.close()
+    disk.crash(keep_bytes=10 ** 6)          # the kernel dropped the pages it failed to write
+    with reopened(disk) as again:
+        assert [p for _, p in again.read()] == [b"acknowledged"]
+        assert again.append([b"next"]) == 1
+
+
+def test_a_failed_fsync_fails_every_pending_appender():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        first = asyncio.create_task(log.append_async([b"one"]))
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
+        queued = [asyncio.create_task(log.append_async([payload("q", i)])) for i in range(3)]
+        await asyncio.sleep(0)
+        disk.fail_fsync()
+        held.release.set()
+        return await asyncio.gather(first, *queued, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, LogFailed) for r in results), results
+    with pytest.raises(LogFailed):
+        log.append([b"later"])
+    log.close()
+    disk.crash()                            # nothing was acknowledged, nothing survives
+    with reopened(disk) as again:
+        assert list(again.read()) == [] and again.append([b"after"]) == 0
+
+
+def test_power_cut_during_the_fsync_keeps_every_acknowledged_record():
+    disk, log = sim_log(inline=True, segment_bytes=200)
+    acknowledged = []
+    for i in range(12):
+        batch = [payload("p", i * 3 + k) * (1 + k) for k in range(3)]
+        log.append(batch)
+        acknowledged += batch
+
+    def cut(path: str) -> None:
+        if path.endswith(".seg"):
+            disk.crash()
+            raise PowerCut()
+
+    disk.on_fsync = cut
+    with pytest.raises(PowerCut):
+        log.append([b"in-flight-1", b"in-flight-2"])
+    disk.on_fsync = None
+    with reopened(disk, segment_bytes=200) as again:
+        records = [p for _, p in again.read()]
+        assert records[:len(acknowledged)] == acknowledged
+        assert records[len(acknowledged):] in ([], [b"in-flight-1"],
+                                               [b"in-flight-1", b"in-flight-2"])
+
+
+SIM_SNAPSHOTS = Path("/sim/snapshots")
+
+
+def test_a_corrupt_snapshot_is_reported_and_an_older_one_used():
+    disk = SimDisk(random.Random(3))
+    for offset in (10, 20, 30):
+        save_snapshot(SIM_SNAPSHOTS, offset, b"state@%d" % offset * 50, disk=disk)
+    skipped = []
+    report = lambda path, reason: skipped.append((path, reason))       # noqa: E731
+    disk.corrupt(SIM_SNAPSHOTS / f"{30:020d}.snap")                      # any bit of it
+    assert load_snapshot(SIM_SNAPSHOTS, disk=disk, report=report) == (20, b"state@20" * 50)
+    assert [p for p, _ in skipped] == [str(SIM_SNAPSHOTS / f"{30:020d}.snap")]
+    for offset in (20, 10):
+        disk.corrupt(SIM_SNAPSHOTS / f"{offset:020d}.snap")
+    skipped.clear()
+    assert load_snapshot(SIM_SNAPSHOTS, disk=disk, report=report) is None   # replay the log
+    assert len(skipped) == 3
+
+
+def test_a_corrupt_snapshot_is_logged_by_default(caplog):
+    disk = SimDisk(random.Random(4))
+    save_snapshot(SIM_SNAPSHOTS, 5, b"five", disk=disk)
+    disk.corrupt(SIM_SNAPSHOTS / f"{5:020d}.snap", offset=0)
+    with caplog.at_level("WARNING", logger="vmresize.events.log"):
+        assert load_snapshot(SIM_SNAPSHOTS, disk=disk) is None
+    assert "00000000000000000005.snap skipped" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_power_cut_at_any_point_of_a_snapshot_save(seed):
+    """Whatever a power cut leaves of a save, loading finds the new snapshot or the old
+    one, never a broken one, and never raises."""
+    calls = 0
+    while True:
+        disk = SimDisk(random.Random(seed))
+        save_snapshot(SIM_SNAPSHOTS, 10, b"old" * 100, disk=disk)
+        seen = []
+
+        def cut(path: str) -> None:
+            seen.append(path)
+            if len(seen) > calls:
+                disk.crash()
+                raise PowerCut()
+
+        disk.on_fsync = cut
+        try:
+            save_snapshot(SIM_SNAPSHOTS, 20, b"new" * 100, disk=disk)
+        except PowerCut:
+            pass
+        else:
+            break                                     # no fsync left to cut at
+        finally:
+            disk.on_fsync = None
+        assert load_snapshot(SIM_SNAPSHOTS, disk=disk, report=lambda *a: None) in (
+            (10, b"old" * 100), (20, b"new" * 100))
+        calls += 1
+    assert calls >= 2                                 # the file's fsync and the directory's
