@@ -65,6 +65,9 @@ def main() -> None:
     figures["memory_sweep"] = [{"events": s["events"], "traced_peak_bytes":
                                 s["traced_peak_bytes"]} for s in sweep]
     figures["bytes_per_event"] = [round(b) for b in per_event]
+    # Peak memory when the history grows four-fold (target: flat, within 20%).
+    figures["memory_growth_4x"] = round(
+        sweep[-1]["traced_peak_bytes"] / max(1, sweep[0]["traced_peak_bytes"]), 3)
     figures["target_resizes_per_s"] = 5000
 
     from rich.console import Console
