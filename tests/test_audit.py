@@ -108,6 +108,23 @@ def test_2_gap_in_the_version_chain_is_caught():
     assert "gap" in found[0].message
 
 
+def test_2_one_lost_record_is_one_gap_whatever_waits_behind_it():
+    # Given instance X whose version 4 was lost on host a, and instance Y whose version
+    # 2 was written on a after X's version 5, between its versions 1 and 3 on b
+    h = History()
+    h.inst("a", ev.SpawnStarted, "X", name="x", flavor=TINY, resources=TINY.resources())
+    for _ in range(2):
+        h.inst("a", ev.PoweredOff, "X")
+    h.next_version("X")                                  # version 4 is lost
+    gap = h.inst("a", ev.PoweredOn, "X")
+    h.inst("b", ev.SpawnStarted, "Y", name="y", flavor=TINY, resources=TINY.resources())
+    h.inst("a", ev.PoweredOff, "Y")
+    h.inst("b", ev.PoweredOn, "Y")
+    # then the one gap is reported, at X's version 5; Y's chain is whole
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
+
+
 def test_2_fork_in_the_version_chain_is_caught():
     # Given the source and the destination both wrote version 9 (split brain)
     h = resized()
