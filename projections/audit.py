@@ -173,7 +173,7 @@ class _Checker:
                 self.flag(5, f"migration {mid} ended {mig.status} leaving "
                           f"{mig.instance_uuid}_resize on {mig.source_compute}",
                           self.mig_last[mid])
-            if mig.dest_copy and mig.status != "confirmed":
+            if mig.dest_copy and not _kept_on_dest(mig):
                 self.flag(5, f"migration {mid} ended {mig.status} leaving the disk "
                           f"copy on {mig.dest_compute}", self.mig_last[mid])
 
@@ -188,6 +188,12 @@ class _Checker:
                     self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
                               f" by claim events, {_res(want.get(key))} by instances",
                               _Where(host, self.p.offsets.get(host, 1) - 1))
+
+
+def _kept_on_dest(mig) -> bool:
+    """The instance stayed on the destination: its copy there is the instance's disks
+    (confirmed, or a confirm or revert given up after it finished there)."""
+    return mig.status == MS.CONFIRMED or mig.failed_step in ("confirm", "revert")
 
 
 def _res(r: Resources | None) -> str:

@@ -225,6 +225,31 @@ def test_5_resize_dir_left_after_a_failure_not_rolled_back():
     assert {v.invariant for v in report.violations} == {"resize-dirs"}
 
 
+def test_5_a_confirm_given_up_leaves_the_resize_dir_but_not_the_instance_disks():
+    # Given a confirm given up on the source after the instance finished on b
+    h = resized()
+    h.full_resize(M)
+    h.mig("a", ev.ConfirmStarted, M)
+    gave_up = h.fail(M, "confirm", rolled_back=False)
+    report, found = violations(h, "resize-dirs")
+    # then the `_resize` dir on a is reported; the disks on b are the instance's
+    assert [(v.host, v.offset) for v in found] == [("a", gave_up.offset)]
+    assert "u_resize on a" in found[0].message
+    assert report.instances == 1 and check(h.logs).violations == found
+
+
+def test_5_a_revert_given_up_on_the_destination_leaves_the_resize_dir_only():
+    h = resized()
+    h.full_resize(M)
+    h.mig("b", ev.RevertStarted, M)
+    gave_up = h.fail(M, "revert", rolled_back=False)
+    h.release(M, "source")        # the source gives the migration's allocation up
+    _, found = violations(h, "resize-dirs")
+    assert [(v.host, v.offset) for v in found] == [("a", h.logs["a"][-1].offset)]
+    assert "u_resize on a" in found[0].message and "copy" not in found[0].message
+    assert gave_up.offset < len(h.logs["b"])
+
+
 def test_5_confirmed_leaves_no_dirs():
     h = resized()
     h.full_resize(M)
