@@ -68,6 +68,8 @@ class _Checker:
         self.versions: dict[str, list[tuple[str, int]]] = {}
         self.mig_last: dict[str, Envelope] = {}    # the last record of each migration
         self.no_alloc: set[str] = set()
+        # (host, allocation key) -> offset of the last record that changed it there
+        self.changed: dict[tuple[str, str], int] = {}
 
     def flag(self, n: int, message: str, env_or_where, offsets=()):
         self.violations.append(Violation(INVARIANTS[n], message, env_or_where.host,
@@ -79,17 +81,30 @@ class _Checker:
             self._check_version(env, e)
         mid = getattr(e, "migration_id", "") if isinstance(e, ev.InstanceEvent) else ""
         before = self.p.migrations.get(mid) if mid else None
-        apply(self.p, env)
+        t = type(e)
+        if t in _LEDGER_EVENTS:
+            self._apply_noting_changes(env, _allocation_keys(e, mid))
+        else:
+            apply(self.p, env)
         if mid:
             self._check_transition(env, before, self.p.migrations.get(mid))
             self.mig_last[mid] = env
-        t = type(e)
         if t in (ev.SpawnFailed, ev.Deleted):
             self.no_alloc.add(e.instance_uuid)
         elif t is ev.SpawnStarted:
             self.no_alloc.discard(e.instance_uuid)
         if t in _LEDGER_EVENTS:
             self._check_capacity(env)
+
+    def _apply_noting_changes(self, env: Envelope, keys: tuple[str, ...]) -> None:
+        """apply, and note which of `keys` the record changed in its host's ledger."""
+        ledger = self.p.ledgers.get(env.host)
+        held = [ledger.allocations.get(k) for k in keys] if ledger else [None] * len(keys)
+        apply(self.p, env)
+        allocations = self.p.ledgers[env.host].allocations
+        for key, was in zip(keys, held):
+            if allocations.get(key) != was:
+                self.changed[(env.host, key)] = env.offset
 
     def _check_version(self, env: Envelope, e: ev.InstanceEvent) -> None:
         uuid, v = e.instance_uuid, e.instance_version
@@ -185,9 +200,18 @@ class _Checker:
                 continue
             for key in sorted(set(want) | set(ledger.allocations)):
                 if want.get(key) != ledger.allocations.get(key):
+                    # at the record that last changed the key there, else the last one
+                    offset = self.changed.get((host, key), self.p.offsets.get(host, 1) - 1)
                     self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
                               f" by claim events, {_res(want.get(key))} by instances",
-                              _Where(host, self.p.offsets.get(host, 1) - 1))
+                              _Where(host, offset))
+
+
+def _allocation_keys(e, mid: str) -> tuple[str, ...]:
+    """The allocation keys an event may change on the host that logs it."""
+    if not mid:
+        return (instance_key(e.instance_uuid),)
+    return instance_key(e.instance_uuid), claim_key(mid), source_key(mid)
 
 
 def _kept_on_dest(mig) -> bool:

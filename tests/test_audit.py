@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from datetime import datetime, timezone
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 
@@ -279,11 +280,30 @@ def test_6_ledger_that_disagrees_with_instances_is_caught(monkeypatch):
     report = check(h.logs)
     found = {v.invariant: v for v in report.violations}
     assert set(found) == {"no-leak", "ledger-matches"}
+    # reported at the record that last changed the allocation there: Finished
+    finished = next(env for env in h.logs["b"] if type(env.event) is ev.Finished)
     assert (found["ledger-matches"].host, found["ledger-matches"].offset) == (
-        "b", len(h.logs["b"]) - 1)
+        "b", finished.offset)
     assert "i:u" in found["ledger-matches"].message
     assert "held by ['a', 'b']" in found["no-leak"].message or \
         "held by ['b', 'a']" in found["no-leak"].message
+
+
+def test_6_is_reported_at_the_record_that_last_changed_the_allocation():
+    # Given a claim that stated other old resources than the source held: after the
+    # revert, the instance (old resources by the claim) and a's allocation disagree
+    h = History()
+    h.boot("a", U, TINY)
+    spec = h.resize(M, U, "a", "b", TINY, SMALL)
+    h.specs[M] = (U, msgspec.structs.replace(spec, old_resources=Resources(2, 512, 1)))
+    h.full_resize(M)
+    h.revert_dest(M)
+    _, reverted = h.finish_revert(M)
+    h.boot("a", "other", TINY)          # later records on a change other allocations
+    _, found = violations(h, "ledger-matches")
+    assert [(v.host, v.offset) for v in found] == [("a", reverted.offset)]
+    assert "i:u is 1 vcpus/512 MB/1 GB by claim events, 2 vcpus/512 MB/1 GB" in \
+        found[0].message
 
 
 def test_6_the_same_history_passes_with_the_real_rule():
