@@ -241,6 +241,12 @@ def _expected_allocations(p: Projection, no_alloc: set[str]) -> dict[str, dict]:
             hold(inst.host, instance_key(uuid), inst.resources)
             continue
         _hold_for_migration(hold, mig, inst)
+    for mig in p.migrations.values():
+        # a failed migration its instance has left (rolled back, or given up on one
+        # end) still holds what the other end has not released yet
+        inst = p.instances.get(mig.instance_uuid)
+        if not mig.final and (inst is None or inst.migration_id != mig.id):
+            _hold_until_released(hold, mig)
     return out
 
 
@@ -258,12 +264,16 @@ def _hold_for_migration(hold, mig, inst) -> None:
         if not mig.dest_reverted:
             hold(dst, instance_key(uuid), mig.new_resources)
     elif status == MS.ERROR:     # compensation under way: what each side still holds
-        if not mig.dest_settled:
-            hold(dst, claim_key(mid), mig.new_resources)
-        if mig.source_started and not mig.source_settled:
-            hold(src, source_key(mid), mig.old_resources)
+        _hold_until_released(hold, mig)
         if not mig.resize_dir:     # else the source takes it back (restore)
             hold(inst.host, instance_key(uuid), inst.resources)
+
+
+def _hold_until_released(hold, mig) -> None:
+    if not mig.dest_settled:
+        hold(mig.dest_compute, claim_key(mig.id), mig.new_resources)
+    if mig.source_started and not mig.source_settled:
+        hold(mig.source_compute, source_key(mig.id), mig.old_resources)
 
 
 def check(logs: dict[str, Iterable[Envelope]]) -> AuditReport:

@@ -76,6 +76,30 @@ def test_an_open_migration_is_not_a_violation():
     assert report.ok and report.open_migrations == 1
 
 
+def test_a_compensation_under_way_is_not_a_violation():
+    # Given a disk shrink refused on the source (the instance rolled back at once) and
+    # the destination's release not written yet, as an audit of a running cluster sees
+    h = resized(old=SMALL, new=TINY)
+    h.claim(M)
+    h.fail(M, "resize_instance")
+    report = check(h.logs)
+    assert report.ok, report.violations
+    assert report.open_migrations == 1
+    # and once the destination released its claim, the migration has ended
+    h.release(M, "dest")
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 0
+
+
+def test_a_revert_given_up_before_the_source_released_is_not_a_violation():
+    h = resized()
+    h.full_resize(M)
+    h.mig("b", ev.RevertStarted, M)
+    h.fail(M, "revert", rolled_back=False)
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
 # --------------------------------------------------------------------------- 1 capacity
 
 def test_1_over_capacity_claim_is_caught():
