@@ -3,7 +3,9 @@
 `check(logs)` is pure: it takes each host's envelopes and returns an `AuditReport`
 naming every violation with its host and log offset. `audit(state_dir)` reads a state
 directory (read-only, through events.store) and checks it; `as_of` stops every log at an
-offset (records before it) or at a wall time (records at or before it).
+offset (records before it) or at a wall time (records at or before it). Both take the
+hosts the cluster should have: a missing or empty log of one of them is a `host-log`
+violation.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ INVARIANTS = {
     5: "resize-dirs",       # every `_resize` dir and dest copy removed or restored
     6: "ledger-matches",    # ledger from instances == ledger from claim events
 }
+HOST_LOG = "host-log"       # a host of the cluster has no log, or an empty one
 
 
 class Violation(msgspec.Struct, frozen=True):
@@ -53,6 +56,7 @@ class AuditReport(msgspec.Struct):
     migrations: int = 0
     open_migrations: int = 0
     torn_tails: list[TornTailNote] = []
+    records: dict[str, int] = {}      # records read from each host's log
 
 
 class _Where(msgspec.Struct):
@@ -276,16 +280,25 @@ def _hold_until_released(hold, mig) -> None:
         hold(mig.source_compute, source_key(mig.id), mig.old_resources)
 
 
-def check(logs: dict[str, Iterable[Envelope]]) -> AuditReport:
+def check(logs: dict[str, Iterable[Envelope]],
+          expected_hosts: Iterable[str] = ()) -> AuditReport:
+    """Check the six invariants over `logs`; each host of `expected_hosts` (the hosts of
+    the cluster) that has no log here, or an empty one, is a violation too."""
     c = _Checker()
     for env in merge_logs(logs):
         c.feed(env)
     c.finish()
+    for host in expected_hosts:
+        if host not in logs or host not in c.p.offsets:
+            what = "no log" if host not in logs else "an empty log"
+            c.violations.append(Violation(HOST_LOG, f"host {host} is in the cluster but "
+                                          f"has {what}", host, 0))
     p = c.p
     return AuditReport(ok=not c.violations, violations=c.violations, events=p.events,
                        hosts=len(logs), instances=len(p.instances),
                        migrations=len(p.migrations),
-                       open_migrations=sum(not m.final for m in p.migrations.values()))
+                       open_migrations=sum(not m.final for m in p.migrations.values()),
+                       records={h: p.offsets.get(h, 0) for h in logs})
 
 
 def parse_as_of(text: str | None) -> tuple[int | None, float | None]:
@@ -308,9 +321,12 @@ def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope
         yield env
 
 
-def audit(state_dir, as_of: str | None = None) -> AuditReport:
-    """Audit a state directory with no cluster running. Raises CorruptLog (a bad record
-    before the tail) and LogError (no such directory)."""
+def audit(state_dir, as_of: str | None = None,
+          expected_hosts: Iterable[str] | None = None) -> AuditReport:
+    """Audit a state directory with no cluster running. `expected_hosts`: the cluster's
+    hosts, each of which must have a log with records in it (a cut by `as_of` never
+    makes a log empty). Raises CorruptLog (a bad record before the tail) and LogError
+    (no such directory)."""
     from vmresize.events.store import open_host_logs
     from vmresize.events.log import LogError
     offset, wall_time = parse_as_of(as_of)
@@ -322,7 +338,9 @@ def audit(state_dir, as_of: str | None = None) -> AuditReport:
         stream = r.envelopes(0, offset)
         logs[host] = _until(stream, wall_time) if wall_time is not None else stream
     try:
-        report = check(logs)
+        expected = [h for h in expected_hosts or () if h not in readers
+                    or next(iter(readers[h].envelopes(0, 1)), None) is None]
+        report = check(logs, expected)
     finally:
         for r in readers.values():
             r.close()

@@ -448,3 +448,29 @@ def test_violation_offsets_are_ints():
     h.mig("b", ev.Finished, M)
     for v in check(h.logs).violations:
         assert isinstance(v.offset, int) and isinstance(v.host, str)
+
+
+# --------------------------------------------------------------------------- the cluster's hosts
+
+def test_a_host_of_the_cluster_with_no_log_is_a_violation_naming_it():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    report = check(h.logs, expected_hosts=["a", "b", "c"])
+    assert not report.ok
+    assert [(v.invariant, v.host, v.offset) for v in report.violations] == [
+        ("host-log", "c", 0)]
+    assert report.violations[0].message == "host c is in the cluster but has no log"
+    assert check(h.logs, expected_hosts=["a", "b"]).ok
+    assert check(h.logs).ok              # no list of hosts: only the logs there
+
+
+def test_a_host_of_the_cluster_with_an_empty_log_is_a_violation_naming_it(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    logs = {**h.logs, "c": []}
+    s.write_state_dir(logs, tmp_path)
+    report = audit(tmp_path, expected_hosts=["a", "b", "c"])
+    assert [(v.invariant, v.host, v.offset, v.message) for v in report.violations] == [
+        ("host-log", "c", 0, "host c is in the cluster but has an empty log")]
+    assert report.hosts == 3 and audit(tmp_path, expected_hosts=["a", "b"]).ok
