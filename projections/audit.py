@@ -2,10 +2,14 @@
 
 `check(logs)` is pure: it takes each host's envelopes and returns an `AuditReport`
 naming every violation with its host and log offset. `audit(state_dir)` reads a state
-directory (read-only, through events.store) and checks it; `as_of` stops every log at an
-offset (records before it) or at a wall time (records at or before it). Both take the
-hosts the cluster should have: a missing or empty log of one of them is a `host-log`
-violation.
+directory (read-only, through events.store) and checks it. Both take the hosts the
+cluster should have: a missing or empty log of one of them is a `host-log` violation.
+
+`as_of` audits a consistent cut: a wall time (records at or before it; one clock for
+all hosts), or HOST:OFFSET, that record and every record it depends on (its log's
+earlier records, and each instance's earlier versions wherever they were written). A
+bare offset is refused: offsets count each log on its own, so the same number is a
+different moment on every host.
 """
 from __future__ import annotations
 
@@ -301,17 +305,76 @@ def check(logs: dict[str, Iterable[Envelope]],
                        records={h: p.offsets.get(h, 0) for h in logs})
 
 
-def parse_as_of(text: str | None) -> tuple[int | None, float | None]:
-    """`--as-of`: an offset (int) or an ISO time. Raises ValueError naming the input."""
+# --------------------------------------------------------------------------- as of
+
+class AsOf(msgspec.Struct, frozen=True):
+    """A consistent cut of the logs: every record at or before `wall_time` (one clock
+    for all hosts), or the record `host`:`offset` and every record it depends on."""
+    wall_time: float | None = None
+    host: str = ""
+    offset: int = 0
+
+
+BARE_OFFSET = ("--as-of: a bare offset is refused: each host's log counts its own "
+               "offsets, so offset {n} is a different moment on every host; give "
+               "HOST:{n} (that record and every record it depends on) or an ISO time")
+
+
+def parse_as_of(text: str | None) -> AsOf | None:
+    """`--as-of HOST:OFFSET` or `--as-of ISO-TIME`. Raises ValueError naming the input."""
     if text is None or text == "":
-        return None, None
+        return None
     if text.isdigit():
-        return int(text), None
+        raise ValueError(BARE_OFFSET.format(n=text))
     try:
-        moment = datetime.fromisoformat(text)
+        return AsOf(wall_time=datetime.fromisoformat(text).timestamp())
     except ValueError:
-        raise ValueError(f"--as-of: expected an offset or an ISO time, got {text!r}") from None
-    return None, moment.timestamp()
+        pass
+    host, _, offset = text.rpartition(":")
+    if host and offset.isdigit():
+        return AsOf(host=host, offset=int(offset))
+    raise ValueError(f"--as-of: expected HOST:OFFSET or an ISO time, got {text!r}")
+
+
+def causal_cut(logs: dict[str, Iterable[Envelope]], host: str, offset: int) -> dict[str, int]:
+    """How many records of each log the record host:offset depends on, itself included:
+    the records before it in its own log and, for every instance record in the cut, the
+    instance's previous version wherever it was written (all writers of a forked
+    version), closed under both. Raises ValueError naming a host or offset not there."""
+    where: dict[tuple[str, int], list[tuple[str, int]]] = {}   # (uuid, version) -> writers
+    chains: dict[str, list[tuple[int, str, int]]] = {}      # host -> (offset, uuid, v)
+    size = 0
+    for h, envs in logs.items():
+        chain = chains[h] = []
+        for env in envs:
+            e = env.event
+            if isinstance(e, ev.InstanceEvent):
+                key = (e.instance_uuid, e.instance_version)
+                where.setdefault(key, []).append((h, env.offset))
+                chain.append((env.offset, e.instance_uuid, e.instance_version))
+            if h == host:
+                size = env.offset + 1
+    if host not in chains:
+        raise ValueError(f"--as-of: no log for host {host!r} (hosts: "
+                         f"{', '.join(sorted(chains))})")
+    if offset >= size:
+        held = f"{size} records (offsets 0 to {size - 1})" if size else "an empty log"
+        raise ValueError(f"--as-of: host {host} has {held}, got offset {offset}")
+    cut = {h: 0 for h in logs}
+    scanned = {h: 0 for h in logs}        # instance records of each log already followed
+    todo = [host]
+    cut[host] = offset + 1
+    while todo:
+        h = todo.pop()
+        chain = chains[h]
+        while scanned[h] < len(chain) and chain[scanned[h]][0] < cut[h]:
+            _, uuid, v = chain[scanned[h]]
+            scanned[h] += 1
+            for h2, off2 in where.get((uuid, v - 1), ()):
+                if cut[h2] <= off2:
+                    cut[h2] = off2 + 1
+                    todo.append(h2)
+    return cut
 
 
 def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope]:
@@ -321,26 +384,24 @@ def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope
         yield env
 
 
+# --------------------------------------------------------------------------- state dirs
+
 def audit(state_dir, as_of: str | None = None,
           expected_hosts: Iterable[str] | None = None) -> AuditReport:
-    """Audit a state directory with no cluster running. `expected_hosts`: the cluster's
-    hosts, each of which must have a log with records in it (a cut by `as_of` never
-    makes a log empty). Raises CorruptLog (a bad record before the tail) and LogError
-    (no such directory)."""
+    """Audit a state directory with no cluster running. `as_of`: see `parse_as_of`;
+    `expected_hosts`: the cluster's hosts, each of which must have a log with records in
+    it (a cut by `as_of` never makes a log empty). Raises ValueError (a bad `as_of`),
+    CorruptLog (a bad record before the tail) and LogError (no host logs)."""
     from vmresize.events.store import open_host_logs
     from vmresize.events.log import LogError
-    offset, wall_time = parse_as_of(as_of)
+    cut_at = parse_as_of(as_of)
     readers = open_host_logs(state_dir)
     if not readers:
         raise LogError(f"{state_dir}: no host logs (missing or empty state directory)")
-    logs = {}
-    for host, r in readers.items():
-        stream = r.envelopes(0, offset)
-        logs[host] = _until(stream, wall_time) if wall_time is not None else stream
     try:
         expected = [h for h in expected_hosts or () if h not in readers
                     or next(iter(readers[h].envelopes(0, 1)), None) is None]
-        report = check(logs, expected)
+        report = check(_cut(readers, cut_at), expected)
     finally:
         for r in readers.values():
             r.close()
@@ -348,3 +409,14 @@ def audit(state_dir, as_of: str | None = None,
                                       r.torn_tail.bytes_dropped)
                          for h, r in readers.items() if r.torn_tail is not None]
     return report
+
+
+def _cut(readers, cut_at: AsOf | None) -> dict[str, Iterable[Envelope]]:
+    if cut_at is None:
+        return {h: r.envelopes() for h, r in readers.items()}
+    if cut_at.wall_time is not None:
+        return {h: _until(r.envelopes(), cut_at.wall_time) for h, r in readers.items()}
+    # two passes: the cut from the instance records alone, then the records in it
+    cut = causal_cut({h: r.envelopes() for h, r in readers.items()}, cut_at.host,
+                     cut_at.offset)
+    return {h: r.envelopes(0, cut[h]) for h, r in readers.items()}

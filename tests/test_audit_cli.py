@@ -1,5 +1,6 @@
 """`vmresize audit` as a user runs it: the hosts it expects (from the simulator's marker
-or the cluster config)."""
+or the cluster config), and `--as-of` (HOST:OFFSET or an ISO time; a bare offset is
+refused with the reason, exit 2)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,44 @@ def test_without_config_or_marker_only_the_logs_there_are_checked(tmp_path):
     assert report["ok"] and report["expected_hosts"] is None
     proc = vmresize("--state-dir", str(state), "audit", cwd=tmp_path)
     assert "a host whose log is missing cannot be noticed" in proc.stdout
+
+
+# --------------------------------------------------------------------------- --as-of
+
+def test_as_of_a_bare_offset_exits_2_saying_why(simulated, tmp_path):
+    proc = vmresize("--state-dir", str(simulated), "audit", "--as-of", "7", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmresize: error: --as-of: a bare "
+                                                   "offset is refused")
+    assert "different moment on every host" in lines[0] and "HOST:7" in lines[0]
+    assert proc.stdout == ""
+
+
+def test_as_of_a_record_audits_its_cut(simulated, tmp_path):
+    logs = s.read_host_logs(simulated)
+    offset = len(logs["sim-2"]) // 2
+    report = audit_doc("--state-dir", str(simulated), as_of=f"sim-2:{offset}",
+                       cwd=tmp_path, code=0)
+    assert report["ok"] and report["records"]["sim-2"] == offset + 1
+    assert report["events"] == sum(report["records"].values()) < sum(map(len, logs.values()))
+    proc = vmresize("--state-dir", str(simulated), "audit", "--as-of", f"sim-2:{offset}",
+                    cwd=tmp_path)
+    assert f"as of sim-2:{offset}: " in proc.stdout
+    assert f"{offset + 1} records of sim-2" in proc.stdout
+
+
+def test_as_of_an_iso_time_still_works(simulated, tmp_path):
+    logs = s.read_host_logs(simulated)
+    times = sorted(env.wall_time for envs in logs.values() for env in envs)
+    moment = datetime.fromtimestamp(times[len(times) // 2], tz=timezone.utc).isoformat()
+    report = audit_doc("--state-dir", str(simulated), as_of=moment, cwd=tmp_path,
+                       code=0)
+    assert 0 < report["events"] < len(times)
+
+
+@pytest.mark.parametrize("bad", ["sim-9:0", "sim-1:100000", "soon"])
+def test_as_of_a_record_not_there_exits_2(simulated, tmp_path, bad):
+    proc = vmresize("--state-dir", str(simulated), "audit", "--as-of", bad, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("vmresize: error: --as-of: ")
