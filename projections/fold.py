@@ -149,7 +149,8 @@ def _new_migration(e, status: str, wall_time: float) -> Migration:
                      migration_type=s.migration_type, old_flavor=s.old_flavor,
                      new_flavor=s.new_flavor, created_at=s.created_at or wall_time,
                      updated_at=wall_time, old_resources=s.old_resources,
-                     new_resources=s.new_resources, vm_state=s.vm_state)
+                     new_resources=s.new_resources, vm_state=s.vm_state,
+                     version=e.instance_version)
 
 
 # Each migration event's status, from the protocol table (Claimed creates the record).
