@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +43,8 @@ PORT_WAIT_S = 60
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # a SIGTERM unwinds like ^C, so that the workers started below are stopped
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = tomllib.loads(CONFIG.read_text())
     targets = config["targets"]
     if args.list:
@@ -83,10 +87,10 @@ def run_target(target: str, spec: dict, config: dict, work: Path, jobs: int) -> 
     if base.exists():
         shutil.rmtree(base)
     trees = [_copy_tree(base / f"tree-{i}") for i in range(1, max(jobs, 1) + 1)]
-    command = " ".join([str(BIN / "python"), "-m", "pytest", "-x", "-q",
-                        "-p", "no:cacheprovider", "--hypothesis-seed=0", *spec["tests"]])
+    command = shlex.join([str(BIN / "python"), "-m", "pytest", "-x", "-q",
+                          "-p", "no:cacheprovider", "--hypothesis-seed=0", *spec["tests"]])
     started = time.monotonic()
-    baseline = subprocess.run(command.split(), cwd=trees[0], env=_env(trees[0]),
+    baseline = subprocess.run(shlex.split(command), cwd=trees[0], env=_env(trees[0]),
                               capture_output=True, text=True)
     if baseline.returncode != 0:
         raise SystemExit(f"mutate: the tests of {target} fail unmutated:\n"
