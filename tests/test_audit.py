@@ -182,6 +182,28 @@ def test_3_finished_right_after_claimed_is_caught():
     assert "pre-migrating -> finished" in found[0].message
 
 
+def test_3_a_finish_before_the_disks_left_the_source_is_caught():
+    # each end's own log may skip the other's statuses; merged, none may be skipped
+    h = resized()
+    h.claim(M)
+    bad = h.mig("b", ev.FinishStarted, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+    assert "pre-migrating -> post-migrating (FinishStarted)" in found[0].message
+
+
+@pytest.mark.parametrize("step", [ev.ConfirmStarted, ev.RevertFinishStarted])
+def test_3_a_confirm_or_revert_before_the_finish_is_caught(step):
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M)
+    bad = h.mig("a", step, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("a", bad.offset)]
+    assert "post-migrating -> " in found[0].message
+
+
 def test_3_event_of_a_migration_never_claimed_is_caught():
     h = resized()
     h.specs["ghost"] = h.specs[M]
