@@ -533,8 +533,8 @@ def test_4_an_instance_spawned_again_on_another_host_is_held_twice(history, data
     # Given a host that spawned an instance living elsewhere (a second home)
     seed, logs = history
     p = fold(merged(logs))
-    homes = [(uuid, inst) for uuid, inst in sorted(p.instances.items())
-             if not inst.migration_id or p.migrations[inst.migration_id].final]
+    homes = [(uuid, inst) for uuid, inst in sorted(p.instances.items()) if not inst.deleted
+             and (not inst.migration_id or p.migrations[inst.migration_id].final)]
     uuid, inst = record_choice(data.draw, homes)
     other = data.draw(st.sampled_from(sorted(set(logs) - {inst.host})))
     again = ev.SpawnStarted(instance_uuid=uuid, instance_version=last_version(logs, uuid) + 1,
@@ -620,15 +620,21 @@ def test_5_a_compensation_that_forgot_the_copy_leaves_it(history, data):
 
 # --------------------------------------------------------------------------- 6 ledger
 
+RESTORING = (ev.Reverted, ev.SourceRestored, ev.Failed)
+
+
 def _restored_last_migrations(logs: Logs) -> list[str]:
-    """Migrations that ended with the instance back on its source, as their instance's
-    last migration (so nothing after them changed its resources)."""
+    """Migrations that ended by giving the instance its old resources back on its
+    source (a revert, a restore, a failure rolled back), as their instance's last
+    migration (so nothing after them changed its resources)."""
     migs = migrations(logs)
     p = fold(merged(logs))
     return [mid for mid, m in sorted(migs.items())
             if m.final and m.status != "confirmed" and m.failed_step not in ("confirm",
                                                                            "revert")
+            and any(isinstance(env.event, RESTORING) for env in records_of(logs, mid))
             and last_migration_of(logs, m.instance_uuid) == mid
+            and not p.instances[m.instance_uuid].deleted
             and p.instances[m.instance_uuid].host == m.source_compute]
 
 
