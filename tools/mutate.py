@@ -3,6 +3,7 @@
     .venv/bin/python tools/mutate.py                      # every target of mutation.toml
     .venv/bin/python tools/mutate.py projections/audit.py --jobs 2
     .venv/bin/python tools/mutate.py --list
+    .venv/bin/python tools/mutate.py projections/audit.py --retry-survivors
 
 Run by hand, not in CI: a full run takes tens of minutes. For each target file of
 tools/mutation.toml, cosmic-ray makes every mutant (one operator at one place: `<` for
@@ -15,6 +16,10 @@ and untracked files, so uncommitted work is measured) under --work, and imports 
 installed namespace (the editable install maps `vmresize.projections` to the working
 tree's folder, which mutating a copy alone would not reach). With --jobs N, N copies
 run as cosmic-ray HTTP workers on loopback ports.
+
+--retry-survivors runs again only the mutants that survived the last run of a target
+(its session stays in --work), on a fresh copy of the tree: after adding the tests that
+should kill them. The target file itself must not have changed since that run.
 
 Prints a table, the survivors' diffs (also in WORK/<target>/survivors.txt) and, last,
 one JSON line of the figures. Why each survivor is equivalent, when it is:
@@ -29,6 +34,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve()
     figures = {}
     for target in chosen:
-        figures[target] = run_target(target, targets[target], config, work, args.jobs)
+        figures[target] = run_target(target, targets[target], config, work, args.jobs,
+                                     args.retry_survivors)
     _print_table(figures)
     total = {k: sum(f[k] for f in figures.values()) for k in
              ("mutants", "killed", "survived", "incompetent", "skipped")}
@@ -77,15 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(ROOT / ".mutation"),
                    help="where the copies and sessions go (default: .mutation/)")
     p.add_argument("--list", action="store_true", help="print the targets and exit")
+    p.add_argument("--retry-survivors", action="store_true",
+                   help="run again only the survivors of the last run of each target")
     return p
 
 
 # --------------------------------------------------------------------------- one target
 
-def run_target(target: str, spec: dict, config: dict, work: Path, jobs: int) -> dict:
+def run_target(target: str, spec: dict, config: dict, work: Path, jobs: int,
+               retry: bool = False) -> dict:
     base = work / target.replace("/", "_")
-    if base.exists():
+    session = base / "session.sqlite"
+    if retry:
+        _check_unchanged(base, target)
+    elif base.exists():
         shutil.rmtree(base)
+    for old in base.glob("tree-*"):
+        shutil.rmtree(old)
     trees = [_copy_tree(base / f"tree-{i}") for i in range(1, max(jobs, 1) + 1)]
     command = shlex.join([str(BIN / "python"), "-m", "pytest", "-x", "-q",
                           "-p", "no:cacheprovider", "--hypothesis-seed=0", *spec["tests"]])
@@ -96,10 +111,16 @@ def run_target(target: str, spec: dict, config: dict, work: Path, jobs: int) -> 
         raise SystemExit(f"mutate: the tests of {target} fail unmutated:\n"
                          f"{baseline.stdout[-3000:]}{baseline.stderr[-2000:]}")
     timeout_s = 3 * (time.monotonic() - started) + config.get("timeout_extra_s", 30)
-    session = base / "session.sqlite"
-    cr_config = _write_cr_config(base, target, command, timeout_s, config, len(trees))
-    _cr(["cosmic-ray", "init", str(cr_config), str(session)], trees[0])
-    _cr(["cr-filter-operators", str(session), str(cr_config)], trees[0])
+    excluded = config.get("exclude_operators", []) + spec.get("exclude_operators", [])
+    cr_config = _write_cr_config(base, target, command, timeout_s, config, len(trees),
+                                 excluded)
+    if retry:
+        with sqlite3.connect(session) as db:
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    else:
+        shutil.copy2(ROOT / target, base / "target.orig")
+        _cr(["cosmic-ray", "init", str(cr_config), str(session)], trees[0])
+        _cr(["cr-filter-operators", str(session), str(cr_config)], trees[0])
     print(f"mutate: {target}: {_count(session)} mutants, tests: {' '.join(spec['tests'])}"
           f", {timeout_s:.0f} s timeout, {len(trees)} worker(s)", file=sys.stderr)
     workers = _start_workers(trees) if len(trees) > 1 else []
@@ -116,6 +137,15 @@ def run_target(target: str, spec: dict, config: dict, work: Path, jobs: int) -> 
         print(diff, file=sys.stderr)
     figures["wall_s"] = round(time.monotonic() - started, 1)
     return figures
+
+
+def _check_unchanged(base: Path, target: str) -> None:
+    orig = base / "target.orig"
+    if not orig.exists():
+        raise SystemExit(f"mutate: no earlier run of {target} in {base}")
+    if orig.read_bytes() != (ROOT / target).read_bytes():
+        raise SystemExit(f"mutate: {target} changed since its last run: its mutants are "
+                         f"numbered afresh, run it without --retry-survivors")
 
 
 def _copy_tree(dest: Path) -> Path:
@@ -143,7 +173,7 @@ def _env(tree: Path) -> dict:
 
 
 def _write_cr_config(base: Path, target: str, command: str, timeout_s: float,
-                     config: dict, workers: int) -> Path:
+                     config: dict, workers: int, excluded: list[str]) -> Path:
     lines = ["[cosmic-ray]", f"module-path = {json.dumps(target)}",
              f"timeout = {timeout_s:.1f}", "excluded-modules = []",
              f"test-command = {json.dumps(command)}", "",
@@ -153,7 +183,7 @@ def _write_cr_config(base: Path, target: str, command: str, timeout_s: float,
         urls = [f"http://127.0.0.1:{port}" for port in _free_ports(workers)]
         lines += ["[cosmic-ray.distributor.http]", f"worker-urls = {json.dumps(urls)}", ""]
     lines += ["[cosmic-ray.filters.operators-filter]",
-              f"exclude-operators = {json.dumps(config.get('exclude_operators', []))}"]
+              f"exclude-operators = {json.dumps(excluded)}"]
     path = base / "cosmic-ray.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
