@@ -93,6 +93,23 @@ def test_a_compensation_under_way_is_not_a_violation():
     assert report.ok and report.open_migrations == 0
 
 
+def test_a_claim_left_behind_by_a_newer_migration_is_held_until_released():
+    # Given a claim on b the controller gave up on before the source heard of it, and a
+    # new migration of the same instance claimed on c
+    h = History(hosts=("a", "b", "c"))
+    h.boot("a", U, SMALL)
+    h.resize(M, U, "a", "b", SMALL, TINY)
+    h.claim(M)
+    h.resize("z-later", U, "a", "c", SMALL, SMALL)    # an id that sorts after M's
+    h.claim("z-later")
+    # then b still holds its claim, a only the instance, and nothing is amiss
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 2, report.violations
+    h.release(M, "dest")
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
 def test_a_revert_given_up_before_the_source_released_is_not_a_violation():
     h = resized()
     h.full_resize(M)
@@ -121,6 +138,7 @@ def test_1_allocating_before_the_capacity_is_logged_is_caught():
     env = h.boot("a", U, TINY)[0]
     _, found = violations(h, "capacity")
     assert [(v.host, v.offset) for v in found] == [("a", env.offset)]
+    assert found[0].message == "host a allocates before logging its capacity"
 
 
 # --------------------------------------------------------------------------- 2 version chain
@@ -219,6 +237,16 @@ def test_3_revert_after_confirm_is_caught():
     bad = h.mig("b", ev.RevertStarted, M)
     _, found = violations(h, "state-machine")
     assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+
+
+def test_3_a_step_repeated_after_the_end_is_caught():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    again = h.mig("a", ev.Confirmed, M)       # the status stays confirmed
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("a", again.offset)]
+    assert "Confirmed after it ended (confirmed)" in found[0].message
 
 
 def test_3_claimed_twice_is_caught():
@@ -352,6 +380,22 @@ def test_6_is_reported_at_the_record_that_last_changed_the_allocation():
     assert [(v.host, v.offset) for v in found] == [("a", reverted.offset)]
     assert "i:u is 1 vcpus/512 MB/1 GB by claim events, 2 vcpus/512 MB/1 GB" in \
         found[0].message
+
+
+def test_6_an_allocation_never_made_on_a_host_is_reported_at_its_last_record():
+    # Given the Finished written by the source: b never turned its claim into the
+    # instance's allocation, which the instances expect on b
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M)
+    h.mig("b", ev.FinishStarted, M)
+    h.mig("a", ev.Finished, M, power_state=ev.RUNNING)
+    h.inst("b", ev.PoweredOff, U)
+    h.inst("b", ev.PoweredOn, U)
+    _, found = violations(h, "ledger-matches")
+    never = [v for v in found if v.host == "b" and "i:u is nothing" in v.message]
+    assert [v.offset for v in never] == [len(h.logs["b"]) - 1]
 
 
 def test_6_the_same_history_passes_with_the_real_rule():
@@ -575,3 +619,51 @@ def test_a_cut_before_a_hosts_first_record_does_not_make_its_log_empty(state_dir
     assert report.ok and report.events == 1, report.violations
     missing = audit(state_dir, as_of=f"{first}:0", expected_hosts=[*logs, "sim-9"])
     assert [v.host for v in missing.violations] == ["sim-9"]
+
+
+# --------------------------------------------------------------------------- reports and reading
+
+def test_violations_and_torn_tail_notes_are_frozen():
+    from vmresize.projections.audit import TornTailNote, Violation
+    v = Violation("capacity", "m", "a", 1)
+    note = TornTailNote("a", "seg", 3, 4)
+    for value, field in ((v, "offset"), (note, "offset")):
+        with pytest.raises(AttributeError):
+            setattr(value, field, 0)
+
+
+def test_audit_as_of_the_last_record_of_every_host(state_dir):
+    logs = s.read_host_logs(state_dir)
+    for host, envs in logs.items():
+        report = audit(state_dir, as_of=f"{host}:{len(envs) - 1}")
+        assert report.records[host] == len(envs) and report.ok
+
+
+def test_audit_as_of_a_record_of_an_empty_log_is_refused(tmp_path):
+    h = resized()
+    s.write_state_dir({**h.logs, "c": []}, tmp_path)
+    with pytest.raises(ValueError, match="--as-of: host c has an empty log, got offset 0"):
+        audit(tmp_path, as_of="c:0")
+
+
+def test_audit_as_of_a_record_deep_in_a_long_log(tmp_path):
+    # more instance records on one host than small ints Python keeps one copy of
+    h = History(hosts=("a",))
+    h.boot("a", U, TINY)
+    for _ in range(150):
+        h.inst("a", ev.PoweredOff, U)
+        h.inst("a", ev.PoweredOn, U)
+    h.inst("a", ev.PoweredOff, U)
+    s.write_state_dir(h.logs, tmp_path)
+    last = len(h.logs["a"]) - 1
+    assert last % 2 == 1        # an odd offset: its size is not `offset | 1`
+    report = audit(tmp_path, as_of=f"a:{last}")
+    assert report.records == {"a": last + 1} and report.ok
+
+
+def test_audit_closes_every_log_it_opened(state_dir):
+    import os
+    before = sorted(os.listdir("/proc/self/fd"))
+    audit(state_dir)
+    audit(state_dir, as_of="sim-1:3")
+    assert sorted(os.listdir("/proc/self/fd")) == before
