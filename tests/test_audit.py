@@ -110,6 +110,46 @@ def test_a_claim_left_behind_by_a_newer_migration_is_held_until_released():
     assert report.ok and report.open_migrations == 1, report.violations
 
 
+@pytest.mark.parametrize("stop", ["finish failed", "reverting"])
+def test_a_compensation_or_revert_half_done_is_not_a_violation(stop):
+    # as the audit of a running cluster sees: the finish failed on b and a has not
+    # taken the instance back yet, or b reverted and a has not finished the revert
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M)
+    if stop == "finish failed":
+        h.mig("b", ev.FinishStarted, M)
+        h.fail(M, "finish")
+    else:
+        h.finish(M)
+        h.revert_dest(M)
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
+def test_a_spawn_that_failed_holds_nothing_and_is_no_leak():
+    h = History()
+    h.inst("a", ev.SpawnStarted, U, name="vm", flavor=TINY, resources=TINY.resources())
+    h.inst("a", ev.SpawnFailed, U, reason="no image")
+    report = check(h.logs)
+    assert report.ok, report.violations
+
+
+def test_a_leak_is_found_whatever_instance_comes_before_it():
+    # the instance with an open migration is checked first: the leak after it is found
+    h = History()
+    h.boot("a", "u1", TINY)
+    h.resize(M, "u1", "a", "b", TINY, SMALL)
+    h.claim(M)
+    h.boot("a", "u2", TINY)
+    twice = h.inst("b", ev.SpawnStarted, "u2", name="vm-u2", flavor=TINY,
+                   resources=TINY.resources())
+    _, found = violations(h, "no-leak")
+    assert [(v.host, v.offset) for v in found] == [("b", twice.offset)]
+    assert "u2" in found[0].message and "held by ['a', 'b']" in found[0].message
+
+
 def test_a_revert_given_up_before_the_source_released_is_not_a_violation():
     h = resized()
     h.full_resize(M)
@@ -168,6 +208,17 @@ def test_2_one_lost_record_is_one_gap_whatever_waits_behind_it():
     # then the one gap is reported, at X's version 5; Y's chain is whole
     _, found = violations(h, "version-chain")
     assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
+
+
+def test_2_an_old_version_written_again_is_a_fork_not_a_gap():
+    h = History()
+    h.boot("a", U, TINY)
+    h.inst("a", ev.PoweredOff, U)
+    h.versions[U] = 1
+    again = h.inst("a", ev.PoweredOn, U)         # version 2 after version 3
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", again.offset)]
+    assert "version 2 written twice (fork)" in found[0].message
 
 
 def test_2_fork_in_the_version_chain_is_caught():
@@ -386,7 +437,7 @@ def test_6_an_allocation_never_made_on_a_host_is_reported_at_its_last_record():
     # Given the Finished written by the source: b never turned its claim into the
     # instance's allocation, which the instances expect on b
     h = resized()
-    h.claim(M)
+    claimed = h.claim(M)
     h.start(M)
     h.disks(M)
     h.mig("b", ev.FinishStarted, M)
@@ -396,6 +447,9 @@ def test_6_an_allocation_never_made_on_a_host_is_reported_at_its_last_record():
     _, found = violations(h, "ledger-matches")
     never = [v for v in found if v.host == "b" and "i:u is nothing" in v.message]
     assert [v.offset for v in never] == [len(h.logs["b"]) - 1]
+    # and the claim b still holds, at the record that made it
+    held = [v for v in found if v.host == "b" and "m:m:new is 1 vcpus" in v.message]
+    assert [v.offset for v in held] == [claimed.offset]
 
 
 def test_6_the_same_history_passes_with_the_real_rule():
@@ -496,6 +550,8 @@ def test_audit_as_of_a_host_or_offset_not_there_is_refused(state_dir):
                                          rf"{size}"):
         audit(state_dir, as_of=f"sim-1:{size}")
     assert audit(state_dir, as_of=f"sim-1:{size - 1}").records["sim-1"] == size
+    with pytest.raises(ValueError, match=rf"got offset {size + 5}"):
+        audit(state_dir, as_of=f"sim-1:{size + 5}")
 
 
 def test_audit_as_of_an_iso_time(state_dir):
@@ -667,3 +723,38 @@ def test_audit_closes_every_log_it_opened(state_dir):
     audit(state_dir)
     audit(state_dir, as_of="sim-1:3")
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_audit_as_of_a_record_follows_its_first_dependency(tmp_path):
+    # b's first record after its capacity is a claim, version 3 of an instance on a
+    h = resized()
+    h.claim(M)
+    s.write_state_dir(h.logs, tmp_path)
+    assert audit(tmp_path, as_of="b:1").records == {"a": 3, "b": 2}
+
+
+def test_audit_as_of_a_record_far_into_a_log_stops_there(tmp_path):
+    # a record past offset 256 whose later neighbours depend on another host
+    h = History()
+    h.boot("a", U, TINY)
+    for _ in range(140):
+        h.inst("a", ev.PoweredOff, U)
+        h.inst("a", ev.PoweredOn, U)
+    h.boot("b", "w", TINY)
+    h.inst("a", ev.PoweredOff, "w")              # w's version 3, written on a
+    s.write_state_dir(h.logs, tmp_path)
+    cut = len(h.logs["a"]) - 2
+    assert cut > 256
+    assert audit(tmp_path, as_of=f"a:{cut}").records == {"a": cut + 1, "b": 0}
+
+
+def test_audit_as_of_a_time_includes_the_records_written_at_that_time(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    s.write_state_dir(h.logs, tmp_path)
+    claimed = h.logs["b"][1]
+    moment = datetime.fromtimestamp(claimed.wall_time, tz=timezone.utc).isoformat()
+    report = audit(tmp_path, as_of=moment)
+    assert report.records["b"] == 2
+    assert report.events == sum(1 for envs in h.logs.values() for env in envs
+                                if env.wall_time <= claimed.wall_time)
