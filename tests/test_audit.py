@@ -221,6 +221,18 @@ def test_2_an_old_version_written_again_is_a_fork_not_a_gap():
     assert "version 2 written twice (fork)" in found[0].message
 
 
+def test_2_versions_after_a_gap_go_on_from_it():
+    h = History()
+    h.boot("a", U, TINY)
+    h.inst("a", ev.PoweredOff, U)
+    h.versions[U] = 4
+    gap = h.inst("a", ev.PoweredOn, U)          # version 5 follows 3
+    for _ in range(3):
+        h.inst("a", ev.PoweredOff, U)
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
+
+
 def test_2_fork_in_the_version_chain_is_caught():
     # Given the source and the destination both wrote version 9 (split brain)
     h = resized()
@@ -426,7 +438,13 @@ def test_6_is_reported_at_the_record_that_last_changed_the_allocation():
     h.full_resize(M)
     h.revert_dest(M)
     _, reverted = h.finish_revert(M)
-    h.boot("a", "other", TINY)          # later records on a change other allocations
+    # later records on a change other allocations; "other" is resized and reverted
+    # cleanly, its allocation on a equal to (not the same object as) the instance's
+    h.boot("a", "other", TINY)
+    h.resize("m2", "other", "a", "b", TINY, SMALL)
+    h.full_resize("m2")
+    h.revert_dest("m2")
+    h.finish_revert("m2")
     _, found = violations(h, "ledger-matches")
     assert [(v.host, v.offset) for v in found] == [("a", reverted.offset)]
     assert "i:u is 1 vcpus/512 MB/1 GB by claim events, 2 vcpus/512 MB/1 GB" in \
@@ -758,3 +776,14 @@ def test_audit_as_of_a_time_includes_the_records_written_at_that_time(tmp_path):
     assert report.records["b"] == 2
     assert report.events == sum(1 for envs in h.logs.values() for env in envs
                                 if env.wall_time <= claimed.wall_time)
+
+
+def test_audit_as_of_a_record_stops_at_it_when_the_next_one_is_not_an_instances(tmp_path):
+    h = History()
+    h.boot("b", "w", TINY)
+    h.boot("a", U, TINY)
+    h.add("a", ev.ClaimRejected(migration_id="x", instance_uuid=U, dest="a",
+                                reason="full"))
+    h.inst("a", ev.PoweredOff, "w")              # w's version 3, written on a
+    s.write_state_dir(h.logs, tmp_path)
+    assert audit(tmp_path, as_of="a:2").records == {"a": 3, "b": 0}
