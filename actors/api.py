@@ -235,7 +235,8 @@ class Cluster:
         return _kill_and_wait(self.controller, timeout_s)
 
     def audit(self, as_of: str | None = None) -> AuditReport:
-        return audit(self.cfg.state_dir, as_of)
+        """Audit the logs offline; every host of the cluster must have one."""
+        return audit(self.cfg.state_dir, as_of, [h.name for h in self.cfg.hosts])
 
     def stop(self, name: str | None = None) -> Instance | None:
         """`stop(name)` powers an instance off (clean shutdown, then hard); `stop()`

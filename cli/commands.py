@@ -215,19 +215,42 @@ def cmd_list(args, out: Out) -> int:
 
 # --------------------------------------------------------------------------- offline
 
-def _offline_state_dir(args) -> Path:
-    cfg = _config(args, required=False)
+def _offline_state_dir(args, cfg=None) -> Path:
+    cfg = cfg if cfg is not None else _config(args, required=False)
     state = Path(_state_dir(args, cfg))
     if not (state / "hosts").is_dir() or not any((state / "hosts").iterdir()):
         raise CliError(f"--state-dir: {state} holds no host logs", EXIT_BAD_INPUT)
     return state
 
 
+class _SimMarker(msgspec.Struct):
+    hosts: int      # `simulate --hosts N` made sim-1 ... sim-N (DESIGN §7)
+
+
+def _expected_hosts(state: Path, cfg) -> tuple[list[str] | None, str]:
+    """The hosts whose logs `state` must hold, and where that list comes from. A state
+    directory `simulate` wrote says so in its marker: its hosts are sim-1..N whatever the
+    config names. Otherwise the cluster config's hosts; None when there is neither."""
+    from vmresize.cli.simulate import MARKER
+    marker = state / MARKER
+    if marker.exists():
+        try:
+            count = msgspec.json.decode(marker.read_bytes(), type=_SimMarker).hosts
+        except msgspec.DecodeError as exc:
+            raise CliError(f"{marker}: {exc}", EXIT_BAD_INPUT) from None
+        return [f"sim-{i}" for i in range(1, count + 1)], str(marker)
+    if cfg is not None:
+        return [h.name for h in cfg.hosts], cfg.path or "the cluster config"
+    return None, ""
+
+
 def cmd_audit(args, out: Out) -> int:
-    state = _offline_state_dir(args)
+    cfg = _config(args, required=False)
+    state = _offline_state_dir(args, cfg)
+    expected, source = _expected_hosts(state, cfg)
     from vmresize.projections.audit import audit
     try:
-        report = audit(state, args.as_of)
+        report = audit(state, args.as_of, expected)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     except CorruptLog as exc:
@@ -235,19 +258,25 @@ def cmd_audit(args, out: Out) -> int:
     except LogError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     if out.json:
-        out.doc(msgspec.to_builtins(report))
+        out.doc({**msgspec.to_builtins(report), "expected_hosts": expected,
+                 "expected_hosts_from": source})
     else:
-        _print_audit(out, report, state)
+        _print_audit(out, report, state, args.as_of, source)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _print_audit(out: Out, report, state: Path) -> None:
+def _print_audit(out: Out, report, state: Path, as_of: str | None, source: str) -> None:
     for t in report.torn_tails:
         out.line(f"[yellow]torn tail[/] on {t.host}: {t.bytes_dropped} bytes at offset "
                  f"{t.offset} in {t.segment} (ignored)")
     if report.violations:
         out.table([msgspec.to_builtins(v) for v in report.violations], "violations",
                   ["invariant", "host", "offset", "message"])
+    if as_of:
+        out.line(f"as of {as_of}: " + ", ".join(f"{n} records of {h}"
+                                                for h, n in report.records.items()))
+    out.line(f"hosts expected as named in {source}" if source else
+             "no cluster config: a host whose log is missing cannot be noticed")
     verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.violations)} violation(s)[/]"
     out.line(f"audit of {state}: {verdict} — {report.events} events from {report.hosts} "
              f"hosts, {report.instances} instances, {report.migrations} migrations "

@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p["events"].add_argument("--instance", metavar="NAME")
     p["events"].add_argument("--from", dest="start", type=int, default=0, metavar="N")
     p["events"].add_argument("--follow", action="store_true")
-    p["audit"].add_argument("--as-of", metavar="OFFSET|ISO-TIME")
+    p["audit"].add_argument(
+        "--as-of", metavar="HOST:OFFSET|ISO-TIME",
+        help="audit a consistent cut: that record and every record it depends on, or "
+             "every record at or before that time (a bare offset is refused: offsets "
+             "count each host's log on its own)")
     s = p["simulate"]
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--hosts", type=int, default=4)

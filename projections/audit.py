@@ -2,8 +2,14 @@
 
 `check(logs)` is pure: it takes each host's envelopes and returns an `AuditReport`
 naming every violation with its host and log offset. `audit(state_dir)` reads a state
-directory (read-only, through events.store) and checks it; `as_of` stops every log at an
-offset (records before it) or at a wall time (records at or before it).
+directory (read-only, through events.store) and checks it. Both take the hosts the
+cluster should have: a missing or empty log of one of them is a `host-log` violation.
+
+`as_of` audits a consistent cut: a wall time (records at or before it; one clock for
+all hosts), or HOST:OFFSET, that record and every record it depends on (its log's
+earlier records, and each instance's earlier versions wherever they were written). A
+bare offset is refused: offsets count each log on its own, so the same number is a
+different moment on every host.
 """
 from __future__ import annotations
 
@@ -27,6 +33,16 @@ INVARIANTS = {
     5: "resize-dirs",       # every `_resize` dir and dest copy removed or restored
     6: "ledger-matches",    # ledger from instances == ledger from claim events
 }
+HOST_LOG = "host-log"       # a host of the cluster has no log, or an empty one
+
+# The protocol table's transitions are as each end's own log sees them: the destination
+# never sees `migrating` (it finishes from `pre-migrating`), the source never sees
+# `finished` (it confirms or reverts from `post-migrating`). Merged by instance version,
+# every migration goes through both ends' statuses, so the auditor forbids those skips.
+SEEN_BY_ONE_END = {MS.PRE_MIGRATING: {MS.POST_MIGRATING},
+                   MS.POST_MIGRATING: {MS.CONFIRMING, MS.REVERTING}}
+MERGED_TRANSITIONS = {status: set(after) - SEEN_BY_ONE_END.get(status, set())
+                      for status, after in TRANSITIONS.items()}
 
 
 class Violation(msgspec.Struct, frozen=True):
@@ -53,6 +69,7 @@ class AuditReport(msgspec.Struct):
     migrations: int = 0
     open_migrations: int = 0
     torn_tails: list[TornTailNote] = []
+    records: dict[str, int] = {}      # records read from each host's log
 
 
 class _Where(msgspec.Struct):
@@ -68,6 +85,8 @@ class _Checker:
         self.versions: dict[str, list[tuple[str, int]]] = {}
         self.mig_last: dict[str, Envelope] = {}    # the last record of each migration
         self.no_alloc: set[str] = set()
+        # (host, allocation key) -> offset of the last record that changed it there
+        self.changed: dict[tuple[str, str], int] = {}
 
     def flag(self, n: int, message: str, env_or_where, offsets=()):
         self.violations.append(Violation(INVARIANTS[n], message, env_or_where.host,
@@ -79,17 +98,30 @@ class _Checker:
             self._check_version(env, e)
         mid = getattr(e, "migration_id", "") if isinstance(e, ev.InstanceEvent) else ""
         before = self.p.migrations.get(mid) if mid else None
-        apply(self.p, env)
+        t = type(e)
+        if t in _LEDGER_EVENTS:
+            self._apply_noting_changes(env, _allocation_keys(e, mid))
+        else:
+            apply(self.p, env)
         if mid:
             self._check_transition(env, before, self.p.migrations.get(mid))
             self.mig_last[mid] = env
-        t = type(e)
         if t in (ev.SpawnFailed, ev.Deleted):
             self.no_alloc.add(e.instance_uuid)
         elif t is ev.SpawnStarted:
             self.no_alloc.discard(e.instance_uuid)
         if t in _LEDGER_EVENTS:
             self._check_capacity(env)
+
+    def _apply_noting_changes(self, env: Envelope, keys: tuple[str, ...]) -> None:
+        """apply, and note which of `keys` the record changed in its host's ledger."""
+        ledger = self.p.ledgers.get(env.host)
+        held = [ledger.allocations.get(k) for k in keys] if ledger else [None] * len(keys)
+        apply(self.p, env)
+        allocations = self.p.ledgers[env.host].allocations
+        for key, was in zip(keys, held):
+            if allocations.get(key) != was:
+                self.changed[(env.host, key)] = env.offset
 
     def _check_version(self, env: Envelope, e: ev.InstanceEvent) -> None:
         uuid, v = e.instance_uuid, e.instance_version
@@ -115,7 +147,7 @@ class _Checker:
         old = before.status if before is not None else None
         if type(env.event) is ev.Claimed and before is not None:
             self.flag(3, f"migration {after.id} claimed twice", env)
-        elif after.status != old and after.status not in TRANSITIONS.get(old, ()):
+        elif after.status != old and after.status not in MERGED_TRANSITIONS.get(old, ()):
             self.flag(3, f"migration {after.id}: {old} -> {after.status} "
                       f"({type(env.event).__name__}) is not a protocol step", env)
         elif after.status == old and old != MS.ERROR and before is not None and \
@@ -173,7 +205,7 @@ class _Checker:
                 self.flag(5, f"migration {mid} ended {mig.status} leaving "
                           f"{mig.instance_uuid}_resize on {mig.source_compute}",
                           self.mig_last[mid])
-            if mig.dest_copy and mig.status != "confirmed":
+            if mig.dest_copy and not _kept_on_dest(mig):
                 self.flag(5, f"migration {mid} ended {mig.status} leaving the disk "
                           f"copy on {mig.dest_compute}", self.mig_last[mid])
 
@@ -185,9 +217,24 @@ class _Checker:
                 continue
             for key in sorted(set(want) | set(ledger.allocations)):
                 if want.get(key) != ledger.allocations.get(key):
+                    # at the record that last changed the key there, else the last one
+                    offset = self.changed.get((host, key), self.p.offsets.get(host, 1) - 1)
                     self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
                               f" by claim events, {_res(want.get(key))} by instances",
-                              _Where(host, self.p.offsets.get(host, 1) - 1))
+                              _Where(host, offset))
+
+
+def _allocation_keys(e, mid: str) -> tuple[str, ...]:
+    """The allocation keys an event may change on the host that logs it."""
+    if not mid:
+        return (instance_key(e.instance_uuid),)
+    return instance_key(e.instance_uuid), claim_key(mid), source_key(mid)
+
+
+def _kept_on_dest(mig) -> bool:
+    """The instance stayed on the destination: its copy there is the instance's disks
+    (confirmed, or a confirm or revert given up after it finished there)."""
+    return mig.status == MS.CONFIRMED or mig.failed_step in ("confirm", "revert")
 
 
 def _res(r: Resources | None) -> str:
@@ -211,6 +258,12 @@ def _expected_allocations(p: Projection, no_alloc: set[str]) -> dict[str, dict]:
             hold(inst.host, instance_key(uuid), inst.resources)
             continue
         _hold_for_migration(hold, mig, inst)
+    for mig in p.migrations.values():
+        # a failed migration its instance has left (rolled back, or given up on one
+        # end) still holds what the other end has not released yet
+        inst = p.instances.get(mig.instance_uuid)
+        if not mig.final and (inst is None or inst.migration_id != mig.id):
+            _hold_until_released(hold, mig)
     return out
 
 
@@ -228,37 +281,109 @@ def _hold_for_migration(hold, mig, inst) -> None:
         if not mig.dest_reverted:
             hold(dst, instance_key(uuid), mig.new_resources)
     elif status == MS.ERROR:     # compensation under way: what each side still holds
-        if not mig.dest_settled:
-            hold(dst, claim_key(mid), mig.new_resources)
-        if mig.source_started and not mig.source_settled:
-            hold(src, source_key(mid), mig.old_resources)
+        _hold_until_released(hold, mig)
         if not mig.resize_dir:     # else the source takes it back (restore)
             hold(inst.host, instance_key(uuid), inst.resources)
 
 
-def check(logs: dict[str, Iterable[Envelope]]) -> AuditReport:
+def _hold_until_released(hold, mig) -> None:
+    if not mig.dest_settled:
+        hold(mig.dest_compute, claim_key(mig.id), mig.new_resources)
+    if mig.source_started and not mig.source_settled:
+        hold(mig.source_compute, source_key(mig.id), mig.old_resources)
+
+
+def check(logs: dict[str, Iterable[Envelope]],
+          expected_hosts: Iterable[str] = ()) -> AuditReport:
+    """Check the six invariants over `logs`; each host of `expected_hosts` (the hosts of
+    the cluster) that has no log here, or an empty one, is a violation too."""
     c = _Checker()
     for env in merge_logs(logs):
         c.feed(env)
     c.finish()
+    for host in expected_hosts:
+        if host not in logs or host not in c.p.offsets:
+            what = "no log" if host not in logs else "an empty log"
+            c.violations.append(Violation(HOST_LOG, f"host {host} is in the cluster but "
+                                          f"has {what}", host, 0))
     p = c.p
     return AuditReport(ok=not c.violations, violations=c.violations, events=p.events,
                        hosts=len(logs), instances=len(p.instances),
                        migrations=len(p.migrations),
-                       open_migrations=sum(not m.final for m in p.migrations.values()))
+                       open_migrations=sum(not m.final for m in p.migrations.values()),
+                       records={h: p.offsets.get(h, 0) for h in logs})
 
 
-def parse_as_of(text: str | None) -> tuple[int | None, float | None]:
-    """`--as-of`: an offset (int) or an ISO time. Raises ValueError naming the input."""
+# --------------------------------------------------------------------------- as of
+
+class AsOf(msgspec.Struct, frozen=True):
+    """A consistent cut of the logs: every record at or before `wall_time` (one clock
+    for all hosts), or the record `host`:`offset` and every record it depends on."""
+    wall_time: float | None = None
+    host: str = ""
+    offset: int = 0
+
+
+BARE_OFFSET = ("--as-of: a bare offset is refused: each host's log counts its own "
+               "offsets, so offset {n} is a different moment on every host; give "
+               "HOST:{n} (that record and every record it depends on) or an ISO time")
+
+
+def parse_as_of(text: str | None) -> AsOf | None:
+    """`--as-of HOST:OFFSET` or `--as-of ISO-TIME`. Raises ValueError naming the input."""
     if text is None or text == "":
-        return None, None
+        return None
     if text.isdigit():
-        return int(text), None
+        raise ValueError(BARE_OFFSET.format(n=text))
     try:
-        moment = datetime.fromisoformat(text)
+        return AsOf(wall_time=datetime.fromisoformat(text).timestamp())
     except ValueError:
-        raise ValueError(f"--as-of: expected an offset or an ISO time, got {text!r}") from None
-    return None, moment.timestamp()
+        pass
+    host, _, offset = text.rpartition(":")
+    if host and offset.isdigit():
+        return AsOf(host=host, offset=int(offset))
+    raise ValueError(f"--as-of: expected HOST:OFFSET or an ISO time, got {text!r}")
+
+
+def causal_cut(logs: dict[str, Iterable[Envelope]], host: str, offset: int) -> dict[str, int]:
+    """How many records of each log the record host:offset depends on, itself included:
+    the records before it in its own log and, for every instance record in the cut, the
+    instance's previous version wherever it was written (all writers of a forked
+    version), closed under both. Raises ValueError naming a host or offset not there."""
+    where: dict[tuple[str, int], list[tuple[str, int]]] = {}   # (uuid, version) -> writers
+    chains: dict[str, list[tuple[int, str, int]]] = {}      # host -> (offset, uuid, v)
+    size = 0
+    for h, envs in logs.items():
+        chain = chains[h] = []
+        for env in envs:
+            e = env.event
+            if isinstance(e, ev.InstanceEvent):
+                key = (e.instance_uuid, e.instance_version)
+                where.setdefault(key, []).append((h, env.offset))
+                chain.append((env.offset, e.instance_uuid, e.instance_version))
+            if h == host:
+                size = env.offset + 1
+    if host not in chains:
+        raise ValueError(f"--as-of: no log for host {host!r} (hosts: "
+                         f"{', '.join(sorted(chains))})")
+    if offset >= size:
+        held = f"{size} records (offsets 0 to {size - 1})" if size else "an empty log"
+        raise ValueError(f"--as-of: host {host} has {held}, got offset {offset}")
+    cut = {h: 0 for h in logs}
+    scanned = {h: 0 for h in logs}        # instance records of each log already followed
+    todo = [host]
+    cut[host] = offset + 1
+    while todo:
+        h = todo.pop()
+        chain = chains[h]
+        while scanned[h] < len(chain) and chain[scanned[h]][0] < cut[h]:
+            _, uuid, v = chain[scanned[h]]
+            scanned[h] += 1
+            for h2, off2 in where.get((uuid, v - 1), ()):
+                if cut[h2] <= off2:
+                    cut[h2] = off2 + 1
+                    todo.append(h2)
+    return cut
 
 
 def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope]:
@@ -268,21 +393,24 @@ def _until(envelopes: Iterable[Envelope], wall_time: float) -> Iterable[Envelope
         yield env
 
 
-def audit(state_dir, as_of: str | None = None) -> AuditReport:
-    """Audit a state directory with no cluster running. Raises CorruptLog (a bad record
-    before the tail) and LogError (no such directory)."""
+# --------------------------------------------------------------------------- state dirs
+
+def audit(state_dir, as_of: str | None = None,
+          expected_hosts: Iterable[str] | None = None) -> AuditReport:
+    """Audit a state directory with no cluster running. `as_of`: see `parse_as_of`;
+    `expected_hosts`: the cluster's hosts, each of which must have a log with records in
+    it (a cut by `as_of` never makes a log empty). Raises ValueError (a bad `as_of`),
+    CorruptLog (a bad record before the tail) and LogError (no host logs)."""
     from vmresize.events.store import open_host_logs
     from vmresize.events.log import LogError
-    offset, wall_time = parse_as_of(as_of)
+    cut_at = parse_as_of(as_of)
     readers = open_host_logs(state_dir)
     if not readers:
         raise LogError(f"{state_dir}: no host logs (missing or empty state directory)")
-    logs = {}
-    for host, r in readers.items():
-        stream = r.envelopes(0, offset)
-        logs[host] = _until(stream, wall_time) if wall_time is not None else stream
     try:
-        report = check(logs)
+        expected = [h for h in expected_hosts or () if h not in readers
+                    or next(iter(readers[h].envelopes(0, 1)), None) is None]
+        report = check(_cut(readers, cut_at), expected)
     finally:
         for r in readers.values():
             r.close()
@@ -290,3 +418,14 @@ def audit(state_dir, as_of: str | None = None) -> AuditReport:
                                       r.torn_tail.bytes_dropped)
                          for h, r in readers.items() if r.torn_tail is not None]
     return report
+
+
+def _cut(readers, cut_at: AsOf | None) -> dict[str, Iterable[Envelope]]:
+    if cut_at is None:
+        return {h: r.envelopes() for h, r in readers.items()}
+    if cut_at.wall_time is not None:
+        return {h: _until(r.envelopes(), cut_at.wall_time) for h, r in readers.items()}
+    # two passes: the cut from the instance records alone, then the records in it
+    cut = causal_cut({h: r.envelopes() for h, r in readers.items()}, cut_at.host,
+                     cut_at.offset)
+    return {h: r.envelopes(0, cut[h]) for h, r in readers.items()}

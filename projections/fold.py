@@ -149,7 +149,8 @@ def _new_migration(e, status: str, wall_time: float) -> Migration:
                      migration_type=s.migration_type, old_flavor=s.old_flavor,
                      new_flavor=s.new_flavor, created_at=s.created_at or wall_time,
                      updated_at=wall_time, old_resources=s.old_resources,
-                     new_resources=s.new_resources, vm_state=s.vm_state)
+                     new_resources=s.new_resources, vm_state=s.vm_state,
+                     version=e.instance_version)
 
 
 # Each migration event's status, from the protocol table (Claimed creates the record).
@@ -360,8 +361,10 @@ def merge_logs(logs: dict[str, Iterable[Envelope]],
     A host event waits until the instance events it follows on other hosts have been
     yielded: we yield, among the heads of the logs, an event whose instance version is
     the next one expected for its instance, or a non-instance event. When no head
-    qualifies (a gap or a fork in the versions), the smallest version goes first so the
-    auditor still sees every record and reports the chain break.
+    qualifies (a gap or a fork in the versions), the oldest head by wall time goes first
+    so the auditor still sees every record and reports the chain break where it is: a
+    head waiting for a record that sits behind another head was written after that
+    head, so the oldest one waits for a record that no log holds.
     """
     iters = {h: iter(log) for h, log in logs.items()}
     expected: dict[str, int] = dict(start_versions or {})
@@ -388,9 +391,10 @@ def merge_logs(logs: dict[str, Iterable[Envelope]],
     while heads:
         if ready:
             host = ready.popleft()
-        else:      # a gap or a fork: let the smallest waiting version through
-            key = min(blocked, key=lambda k: (k[1], k[0]))
-            host = blocked[key].pop(0)
+        else:      # a gap or a fork: let the oldest waiting record through
+            key, host = min(((k, h) for k, hosts in blocked.items() for h in hosts),
+                            key=lambda kh: (heads[kh[1]].wall_time, kh[0][1], kh[0][0]))
+            blocked[key].remove(host)
             if not blocked[key]:
                 del blocked[key]
         env = heads.pop(host)

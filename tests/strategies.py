@@ -360,3 +360,65 @@ def _walk(h: History, mid: str, path: str, shared: bool) -> None:
     else:
         h.revert_dest(mid)
         h.finish_revert(mid)
+
+
+# --------------------------------------------------------------------------- histories to break
+
+# Simulated histories big enough to hold every common protocol path (confirm, revert,
+# refused claims, failed steps and their compensations) and small enough to simulate in
+# a tenth of a second. Drawn from a fixed pool of seeds so that each is simulated once
+# per process and Hypothesis shrinks towards seed 0.
+POOL_SEEDS = 24
+POOL_SIZES = dict(hosts=4, instances=8, operations=40)
+
+
+def pool_history(seed: int) -> dict[str, tuple[Envelope, ...]] | None:
+    """The simulated history of pool seed `seed` (None if that run raised)."""
+    return simulated_logs(seed, **POOL_SIZES)
+
+
+@functools.lru_cache(maxsize=1)
+def pool_seeds() -> tuple[int, ...]:
+    """The pool's seeds whose simulation ran to its end."""
+    return tuple(seed for seed in range(POOL_SEEDS) if pool_history(seed) is not None)
+
+
+class PoolHistory:
+    """One simulated history of the pool: `seed` and `logs` ({host: envelopes}, fresh
+    lists a test may edit). Shown by its seed alone: the logs are long."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.logs = {host: list(envs) for host, envs in pool_history(seed).items()}
+
+    def __iter__(self):
+        return iter((self.seed, self.logs))
+
+    def __repr__(self) -> str:
+        return (f"PoolHistory(seed={self.seed})  # s.simulated_logs({self.seed}, "
+                f"**{POOL_SIZES})")
+
+
+def pool_histories(having=None) -> st.SearchStrategy[PoolHistory]:
+    """A history of the pool; `having(logs) -> bool` keeps only the histories that hold
+    what a test needs (decided once per seed, so a rare shape costs no rejections)."""
+    def build():      # on first draw: collecting the tests simulates nothing
+        seeds = pool_seeds()
+        if having is not None:
+            seeds = tuple(s for s in seeds if having(pool_history(s)))
+        return st.sampled_from(seeds).map(PoolHistory) if seeds else st.nothing()
+    return st.deferred(build)
+
+
+def write_state_dir(logs: dict[str, list[Envelope]], state_dir) -> Path:
+    """Write host logs in the real log format under `state_dir`, as hosts would have:
+    each envelope's offset must be its place in its log."""
+    from vmresize.events.codec import encode
+    from vmresize.events.log import SegmentLog
+    from vmresize.events.store import host_dir
+    for host, envs in logs.items():
+        log_dir = host_dir(state_dir, host) / "log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with SegmentLog(log_dir, fsync=False) as log:
+            log.append([encode(env) for env in envs])
+    return Path(state_dir)

@@ -4,10 +4,13 @@ missing state directory is an error that writes nothing."""
 from __future__ import annotations
 
 import importlib
+import tempfile
 from datetime import datetime, timezone
 
+import msgspec
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import strategies as s
 from strategies import SMALL, TINY, History
@@ -75,6 +78,87 @@ def test_an_open_migration_is_not_a_violation():
     assert report.ok and report.open_migrations == 1
 
 
+def test_a_compensation_under_way_is_not_a_violation():
+    # Given a disk shrink refused on the source (the instance rolled back at once) and
+    # the destination's release not written yet, as an audit of a running cluster sees
+    h = resized(old=SMALL, new=TINY)
+    h.claim(M)
+    h.fail(M, "resize_instance")
+    report = check(h.logs)
+    assert report.ok, report.violations
+    assert report.open_migrations == 1
+    # and once the destination released its claim, the migration has ended
+    h.release(M, "dest")
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 0
+
+
+def test_a_claim_left_behind_by_a_newer_migration_is_held_until_released():
+    # Given a claim on b the controller gave up on before the source heard of it, and a
+    # new migration of the same instance claimed on c
+    h = History(hosts=("a", "b", "c"))
+    h.boot("a", U, SMALL)
+    h.resize(M, U, "a", "b", SMALL, TINY)
+    h.claim(M)
+    h.resize("z-later", U, "a", "c", SMALL, SMALL)    # an id that sorts after M's
+    h.claim("z-later")
+    # then b still holds its claim, a only the instance, and nothing is amiss
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 2, report.violations
+    h.release(M, "dest")
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
+@pytest.mark.parametrize("stop", ["finish failed", "reverting"])
+def test_a_compensation_or_revert_half_done_is_not_a_violation(stop):
+    # as the audit of a running cluster sees: the finish failed on b and a has not
+    # taken the instance back yet, or b reverted and a has not finished the revert
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M)
+    if stop == "finish failed":
+        h.mig("b", ev.FinishStarted, M)
+        h.fail(M, "finish")
+    else:
+        h.finish(M)
+        h.revert_dest(M)
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
+def test_a_spawn_that_failed_holds_nothing_and_is_no_leak():
+    h = History()
+    h.inst("a", ev.SpawnStarted, U, name="vm", flavor=TINY, resources=TINY.resources())
+    h.inst("a", ev.SpawnFailed, U, reason="no image")
+    report = check(h.logs)
+    assert report.ok, report.violations
+
+
+def test_a_leak_is_found_whatever_instance_comes_before_it():
+    # the instance with an open migration is checked first: the leak after it is found
+    h = History()
+    h.boot("a", "u1", TINY)
+    h.resize(M, "u1", "a", "b", TINY, SMALL)
+    h.claim(M)
+    h.boot("a", "u2", TINY)
+    twice = h.inst("b", ev.SpawnStarted, "u2", name="vm-u2", flavor=TINY,
+                   resources=TINY.resources())
+    _, found = violations(h, "no-leak")
+    assert [(v.host, v.offset) for v in found] == [("b", twice.offset)]
+    assert "u2" in found[0].message and "held by ['a', 'b']" in found[0].message
+
+
+def test_a_revert_given_up_before_the_source_released_is_not_a_violation():
+    h = resized()
+    h.full_resize(M)
+    h.mig("b", ev.RevertStarted, M)
+    h.fail(M, "revert", rolled_back=False)
+    report = check(h.logs)
+    assert report.ok and report.open_migrations == 1, report.violations
+
+
 # --------------------------------------------------------------------------- 1 capacity
 
 def test_1_over_capacity_claim_is_caught():
@@ -94,6 +178,7 @@ def test_1_allocating_before_the_capacity_is_logged_is_caught():
     env = h.boot("a", U, TINY)[0]
     _, found = violations(h, "capacity")
     assert [(v.host, v.offset) for v in found] == [("a", env.offset)]
+    assert found[0].message == "host a allocates before logging its capacity"
 
 
 # --------------------------------------------------------------------------- 2 version chain
@@ -106,6 +191,46 @@ def test_2_gap_in_the_version_chain_is_caught():
     _, found = violations(h, "version-chain")
     assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
     assert "gap" in found[0].message
+
+
+def test_2_one_lost_record_is_one_gap_whatever_waits_behind_it():
+    # Given instance X whose version 4 was lost on host a, and instance Y whose version
+    # 2 was written on a after X's version 5, between its versions 1 and 3 on b
+    h = History()
+    h.inst("a", ev.SpawnStarted, "X", name="x", flavor=TINY, resources=TINY.resources())
+    for _ in range(2):
+        h.inst("a", ev.PoweredOff, "X")
+    h.next_version("X")                                  # version 4 is lost
+    gap = h.inst("a", ev.PoweredOn, "X")
+    h.inst("b", ev.SpawnStarted, "Y", name="y", flavor=TINY, resources=TINY.resources())
+    h.inst("a", ev.PoweredOff, "Y")
+    h.inst("b", ev.PoweredOn, "Y")
+    # then the one gap is reported, at X's version 5; Y's chain is whole
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
+
+
+def test_2_an_old_version_written_again_is_a_fork_not_a_gap():
+    h = History()
+    h.boot("a", U, TINY)
+    h.inst("a", ev.PoweredOff, U)
+    h.versions[U] = 1
+    again = h.inst("a", ev.PoweredOn, U)         # version 2 after version 3
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", again.offset)]
+    assert "version 2 written twice (fork)" in found[0].message
+
+
+def test_2_versions_after_a_gap_go_on_from_it():
+    h = History()
+    h.boot("a", U, TINY)
+    h.inst("a", ev.PoweredOff, U)
+    h.versions[U] = 4
+    gap = h.inst("a", ev.PoweredOn, U)          # version 5 follows 3
+    for _ in range(3):
+        h.inst("a", ev.PoweredOff, U)
+    _, found = violations(h, "version-chain")
+    assert [(v.host, v.offset) for v in found] == [("a", gap.offset)]
 
 
 def test_2_fork_in_the_version_chain_is_caught():
@@ -138,6 +263,28 @@ def test_3_finished_right_after_claimed_is_caught():
     assert "pre-migrating -> finished" in found[0].message
 
 
+def test_3_a_finish_before_the_disks_left_the_source_is_caught():
+    # each end's own log may skip the other's statuses; merged, none may be skipped
+    h = resized()
+    h.claim(M)
+    bad = h.mig("b", ev.FinishStarted, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+    assert "pre-migrating -> post-migrating (FinishStarted)" in found[0].message
+
+
+@pytest.mark.parametrize("step", [ev.ConfirmStarted, ev.RevertFinishStarted])
+def test_3_a_confirm_or_revert_before_the_finish_is_caught(step):
+    h = resized()
+    h.claim(M)
+    h.start(M)
+    h.disks(M)
+    bad = h.mig("a", step, M)
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("a", bad.offset)]
+    assert "post-migrating -> " in found[0].message
+
+
 def test_3_event_of_a_migration_never_claimed_is_caught():
     h = resized()
     h.specs["ghost"] = h.specs[M]
@@ -153,6 +300,16 @@ def test_3_revert_after_confirm_is_caught():
     bad = h.mig("b", ev.RevertStarted, M)
     _, found = violations(h, "state-machine")
     assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
+
+
+def test_3_a_step_repeated_after_the_end_is_caught():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    again = h.mig("a", ev.Confirmed, M)       # the status stays confirmed
+    _, found = violations(h, "state-machine")
+    assert [(v.host, v.offset) for v in found] == [("a", again.offset)]
+    assert "Confirmed after it ended (confirmed)" in found[0].message
 
 
 def test_3_claimed_twice_is_caught():
@@ -208,6 +365,31 @@ def test_5_resize_dir_left_after_a_failure_not_rolled_back():
     assert {v.invariant for v in report.violations} == {"resize-dirs"}
 
 
+def test_5_a_confirm_given_up_leaves_the_resize_dir_but_not_the_instance_disks():
+    # Given a confirm given up on the source after the instance finished on b
+    h = resized()
+    h.full_resize(M)
+    h.mig("a", ev.ConfirmStarted, M)
+    gave_up = h.fail(M, "confirm", rolled_back=False)
+    report, found = violations(h, "resize-dirs")
+    # then the `_resize` dir on a is reported; the disks on b are the instance's
+    assert [(v.host, v.offset) for v in found] == [("a", gave_up.offset)]
+    assert "u_resize on a" in found[0].message
+    assert report.instances == 1 and check(h.logs).violations == found
+
+
+def test_5_a_revert_given_up_on_the_destination_leaves_the_resize_dir_only():
+    h = resized()
+    h.full_resize(M)
+    h.mig("b", ev.RevertStarted, M)
+    gave_up = h.fail(M, "revert", rolled_back=False)
+    h.release(M, "source")        # the source gives the migration's allocation up
+    _, found = violations(h, "resize-dirs")
+    assert [(v.host, v.offset) for v in found] == [("a", h.logs["a"][-1].offset)]
+    assert "u_resize on a" in found[0].message and "copy" not in found[0].message
+    assert gave_up.offset < len(h.logs["b"])
+
+
 def test_5_confirmed_leaves_no_dirs():
     h = resized()
     h.full_resize(M)
@@ -237,11 +419,55 @@ def test_6_ledger_that_disagrees_with_instances_is_caught(monkeypatch):
     report = check(h.logs)
     found = {v.invariant: v for v in report.violations}
     assert set(found) == {"no-leak", "ledger-matches"}
+    # reported at the record that last changed the allocation there: Finished
+    finished = next(env for env in h.logs["b"] if type(env.event) is ev.Finished)
     assert (found["ledger-matches"].host, found["ledger-matches"].offset) == (
-        "b", len(h.logs["b"]) - 1)
+        "b", finished.offset)
     assert "i:u" in found["ledger-matches"].message
     assert "held by ['a', 'b']" in found["no-leak"].message or \
         "held by ['b', 'a']" in found["no-leak"].message
+
+
+def test_6_is_reported_at_the_record_that_last_changed_the_allocation():
+    # Given a claim that stated other old resources than the source held: after the
+    # revert, the instance (old resources by the claim) and a's allocation disagree
+    h = History()
+    h.boot("a", U, TINY)
+    spec = h.resize(M, U, "a", "b", TINY, SMALL)
+    h.specs[M] = (U, msgspec.structs.replace(spec, old_resources=Resources(2, 512, 1)))
+    h.full_resize(M)
+    h.revert_dest(M)
+    _, reverted = h.finish_revert(M)
+    # later records on a change other allocations; "other" is resized and reverted
+    # cleanly, its allocation on a equal to (not the same object as) the instance's
+    h.boot("a", "other", TINY)
+    h.resize("m2", "other", "a", "b", TINY, SMALL)
+    h.full_resize("m2")
+    h.revert_dest("m2")
+    h.finish_revert("m2")
+    _, found = violations(h, "ledger-matches")
+    assert [(v.host, v.offset) for v in found] == [("a", reverted.offset)]
+    assert "i:u is 1 vcpus/512 MB/1 GB by claim events, 2 vcpus/512 MB/1 GB" in \
+        found[0].message
+
+
+def test_6_an_allocation_never_made_on_a_host_is_reported_at_its_last_record():
+    # Given the Finished written by the source: b never turned its claim into the
+    # instance's allocation, which the instances expect on b
+    h = resized()
+    claimed = h.claim(M)
+    h.start(M)
+    h.disks(M)
+    h.mig("b", ev.FinishStarted, M)
+    h.mig("a", ev.Finished, M, power_state=ev.RUNNING)
+    h.inst("b", ev.PoweredOff, U)
+    h.inst("b", ev.PoweredOn, U)
+    _, found = violations(h, "ledger-matches")
+    never = [v for v in found if v.host == "b" and "i:u is nothing" in v.message]
+    assert [v.offset for v in never] == [len(h.logs["b"]) - 1]
+    # and the claim b still holds, at the record that made it
+    held = [v for v in found if v.host == "b" and "m:m:new is 1 vcpus" in v.message]
+    assert [v.offset for v in held] == [claimed.offset]
 
 
 def test_6_the_same_history_passes_with_the_real_rule():
@@ -269,14 +495,81 @@ def test_audit_of_a_simulated_state_dir(state_dir):
     assert report.hosts == len(logs) == 3
 
 
-@pytest.mark.parametrize("cut", [0, 1, 5, 12, 10_000])
-def test_audit_as_of_an_offset(state_dir, cut):
+@pytest.mark.parametrize("bare", ["0", "12", "20260101"])
+def test_audit_as_of_a_bare_offset_is_refused_with_the_reason(state_dir, bare):
+    # offsets count each host's log on its own: "offset 12" is no moment of the cluster
+    with pytest.raises(ValueError) as refused:
+        audit(state_dir, as_of=bare)
+    message = str(refused.value)
+    assert message.startswith("--as-of: a bare offset is refused")
+    assert "different moment on every host" in message and f"HOST:{bare}" in message
+
+
+def depends_on(logs, host: str, offset: int) -> dict[str, int]:
+    """The cut of `host:offset` computed the slow, obvious way: keep adding, until
+    nothing changes, the earlier records of every log in the cut and the previous
+    version of every instance record in it."""
+    cut = {h: 0 for h in logs}
+    cut[host] = offset + 1
+    changed = True
+    while changed:
+        changed = False
+        for h, envs in logs.items():
+            for env in envs[:cut[h]]:
+                e = env.event
+                if not isinstance(e, ev.InstanceEvent):
+                    continue
+                for h2, envs2 in logs.items():
+                    for env2 in envs2:
+                        e2 = env2.event
+                        if isinstance(e2, ev.InstanceEvent) and \
+                                e2.instance_uuid == e.instance_uuid and \
+                                e2.instance_version == e.instance_version - 1 and \
+                                cut[h2] <= env2.offset:
+                            cut[h2] = env2.offset + 1
+                            changed = True
+    return cut
+
+
+def test_audit_as_of_a_record_reads_that_record_and_what_it_depends_on(state_dir):
     logs = s.read_host_logs(state_dir)
-    report = audit(state_dir, as_of=str(cut))
-    # every log stops at the same offset: not a consistent cut across hosts, so only
-    # the count is checked here (version gaps across hosts are expected)
-    assert report.events == sum(min(cut, len(v)) for v in logs.values())
-    assert report.hosts == 3
+    host = "sim-2"
+    for offset in (0, len(logs[host]) // 2, len(logs[host]) - 1):
+        report = audit(state_dir, as_of=f"{host}:{offset}")
+        assert report.records == depends_on(logs, host, offset)
+        assert report.records[host] == offset + 1
+        assert report.events == sum(report.records.values())
+        assert report.ok, report.violations       # a consistent cut of a clean history
+
+
+@settings(max_examples=30, deadline=None)
+@given(history=s.pool_histories(), data=st.data())
+def test_every_cut_of_a_clean_simulated_history_is_clean(history, data):
+    # Given any record of a simulated history (crashes and faults included)
+    seed, logs = history
+    host = data.draw(st.sampled_from(sorted(logs)))
+    offset = data.draw(st.integers(0, len(logs[host]) - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        s.write_state_dir(logs, tmp)
+        report = audit(tmp, as_of=f"{host}:{offset}", expected_hosts=sorted(logs))
+    # then the audit as of it reads exactly its cut, and finds nothing wrong there:
+    # migrations may be open, nothing is held twice or forgotten
+    assert report.records == depends_on(logs, host, offset), seed
+    assert report.ok, (seed, report.violations)
+
+
+def test_audit_as_of_a_host_or_offset_not_there_is_refused(state_dir):
+    size = len(s.read_host_logs(state_dir)["sim-1"])
+    with pytest.raises(ValueError, match=r"--as-of: no log for host 'sim-9' \(hosts: "
+                                         r"sim-1, sim-2, sim-3\)"):
+        audit(state_dir, as_of="sim-9:0")
+    with pytest.raises(ValueError, match=rf"--as-of: host sim-1 has {size} records "
+                                         rf"\(offsets 0 to {size - 1}\), got offset "
+                                         rf"{size}"):
+        audit(state_dir, as_of=f"sim-1:{size}")
+    assert audit(state_dir, as_of=f"sim-1:{size - 1}").records["sim-1"] == size
+    with pytest.raises(ValueError, match=rf"got offset {size + 5}"):
+        audit(state_dir, as_of=f"sim-1:{size + 5}")
 
 
 def test_audit_as_of_an_iso_time(state_dir):
@@ -295,9 +588,12 @@ def test_audit_as_of_an_iso_time(state_dir):
                 ("capacity", "version-chain", "state-machine")]
 
 
-def test_audit_as_of_garbage_is_refused(state_dir):
-    with pytest.raises(ValueError, match="--as-of"):
-        audit(state_dir, as_of="yesterday-ish")
+@pytest.mark.parametrize("garbage", ["yesterday-ish", "sim-1:", ":5", "sim-1:-1",
+                                     "sim-1:x"])
+def test_audit_as_of_garbage_is_refused(state_dir, garbage):
+    with pytest.raises(ValueError, match=f"--as-of: expected HOST:OFFSET or an ISO "
+                                         f"time, got '{garbage}'"):
+        audit(state_dir, as_of=garbage)
 
 
 def test_audit_of_a_missing_directory_raises_log_error(tmp_path):
@@ -362,3 +658,132 @@ def test_violation_offsets_are_ints():
     h.mig("b", ev.Finished, M)
     for v in check(h.logs).violations:
         assert isinstance(v.offset, int) and isinstance(v.host, str)
+
+
+# --------------------------------------------------------------------------- the cluster's hosts
+
+def test_a_host_of_the_cluster_with_no_log_is_a_violation_naming_it():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    report = check(h.logs, expected_hosts=["a", "b", "c"])
+    assert not report.ok
+    assert [(v.invariant, v.host, v.offset) for v in report.violations] == [
+        ("host-log", "c", 0)]
+    assert report.violations[0].message == "host c is in the cluster but has no log"
+    assert check(h.logs, expected_hosts=["a", "b"]).ok
+    assert check(h.logs).ok              # no list of hosts: only the logs there
+
+
+def test_a_host_of_the_cluster_with_an_empty_log_is_a_violation_naming_it(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    logs = {**h.logs, "c": []}
+    s.write_state_dir(logs, tmp_path)
+    report = audit(tmp_path, expected_hosts=["a", "b", "c"])
+    assert [(v.invariant, v.host, v.offset, v.message) for v in report.violations] == [
+        ("host-log", "c", 0, "host c is in the cluster but has an empty log")]
+    assert report.hosts == 3 and audit(tmp_path, expected_hosts=["a", "b"]).ok
+
+
+def test_a_cut_before_a_hosts_first_record_does_not_make_its_log_empty(state_dir):
+    logs = s.read_host_logs(state_dir)
+    first = min(logs, key=lambda host: logs[host][0].wall_time)
+    report = audit(state_dir, as_of=f"{first}:0", expected_hosts=sorted(logs))
+    assert report.ok and report.events == 1, report.violations
+    missing = audit(state_dir, as_of=f"{first}:0", expected_hosts=[*logs, "sim-9"])
+    assert [v.host for v in missing.violations] == ["sim-9"]
+
+
+# --------------------------------------------------------------------------- reports and reading
+
+def test_violations_and_torn_tail_notes_are_frozen():
+    from vmresize.projections.audit import TornTailNote, Violation
+    v = Violation("capacity", "m", "a", 1)
+    note = TornTailNote("a", "seg", 3, 4)
+    for value, field in ((v, "offset"), (note, "offset")):
+        with pytest.raises(AttributeError):
+            setattr(value, field, 0)
+
+
+def test_audit_as_of_the_last_record_of_every_host(state_dir):
+    logs = s.read_host_logs(state_dir)
+    for host, envs in logs.items():
+        report = audit(state_dir, as_of=f"{host}:{len(envs) - 1}")
+        assert report.records[host] == len(envs) and report.ok
+
+
+def test_audit_as_of_a_record_of_an_empty_log_is_refused(tmp_path):
+    h = resized()
+    s.write_state_dir({**h.logs, "c": []}, tmp_path)
+    with pytest.raises(ValueError, match="--as-of: host c has an empty log, got offset 0"):
+        audit(tmp_path, as_of="c:0")
+
+
+def test_audit_as_of_a_record_deep_in_a_long_log(tmp_path):
+    # more instance records on one host than small ints Python keeps one copy of
+    h = History(hosts=("a",))
+    h.boot("a", U, TINY)
+    for _ in range(150):
+        h.inst("a", ev.PoweredOff, U)
+        h.inst("a", ev.PoweredOn, U)
+    h.inst("a", ev.PoweredOff, U)
+    s.write_state_dir(h.logs, tmp_path)
+    last = len(h.logs["a"]) - 1
+    assert last % 2 == 1        # an odd offset: its size is not `offset | 1`
+    report = audit(tmp_path, as_of=f"a:{last}")
+    assert report.records == {"a": last + 1} and report.ok
+
+
+def test_audit_closes_every_log_it_opened(state_dir):
+    import os
+    before = sorted(os.listdir("/proc/self/fd"))
+    audit(state_dir)
+    audit(state_dir, as_of="sim-1:3")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_audit_as_of_a_record_follows_its_first_dependency(tmp_path):
+    # b's first record after its capacity is a claim, version 3 of an instance on a
+    h = resized()
+    h.claim(M)
+    s.write_state_dir(h.logs, tmp_path)
+    assert audit(tmp_path, as_of="b:1").records == {"a": 3, "b": 2}
+
+
+def test_audit_as_of_a_record_far_into_a_log_stops_there(tmp_path):
+    # a record past offset 256 whose later neighbours depend on another host
+    h = History()
+    h.boot("a", U, TINY)
+    for _ in range(140):
+        h.inst("a", ev.PoweredOff, U)
+        h.inst("a", ev.PoweredOn, U)
+    h.boot("b", "w", TINY)
+    h.inst("a", ev.PoweredOff, "w")              # w's version 3, written on a
+    s.write_state_dir(h.logs, tmp_path)
+    cut = len(h.logs["a"]) - 2
+    assert cut > 256
+    assert audit(tmp_path, as_of=f"a:{cut}").records == {"a": cut + 1, "b": 0}
+
+
+def test_audit_as_of_a_time_includes_the_records_written_at_that_time(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    s.write_state_dir(h.logs, tmp_path)
+    claimed = h.logs["b"][1]
+    moment = datetime.fromtimestamp(claimed.wall_time, tz=timezone.utc).isoformat()
+    report = audit(tmp_path, as_of=moment)
+    assert report.records["b"] == 2
+    assert report.events == sum(1 for envs in h.logs.values() for env in envs
+                                if env.wall_time <= claimed.wall_time)
+
+
+def test_audit_as_of_a_record_stops_at_it_when_the_next_one_is_not_an_instances(tmp_path):
+    h = History()
+    h.boot("b", "w", TINY)
+    h.boot("a", U, TINY)
+    h.add("a", ev.ClaimRejected(migration_id="x", instance_uuid=U, dest="a",
+                                reason="full"))
+    h.inst("a", ev.PoweredOff, "w")              # w's version 3, written on a
+    s.write_state_dir(h.logs, tmp_path)
+    assert audit(tmp_path, as_of="a:2").records == {"a": 3, "b": 0}

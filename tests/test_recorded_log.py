@@ -110,9 +110,10 @@ def test_recorded_views_are_consistent(version):
         assert all(k.startswith("i:") for k in ledger.allocations), host
 
 
-def test_recorded_as_of_offset_replays_a_prefix():
-    report = audit(FIXTURES / "v1", as_of="10")
-    assert report.events == 30     # the first 10 records of each of the 3 hosts
+def test_recorded_as_of_a_record_replays_what_it_depends_on():
+    report = audit(FIXTURES / "v1", as_of="sim-3:29")
+    assert report.records == {"sim-1": 39, "sim-2": 22, "sim-3": 30}
+    assert report.ok and report.events == 91
 
 
 def test_fixture_is_small():
