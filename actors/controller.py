@@ -35,6 +35,7 @@ from vmresize.protocol.states import MigrationStatus as MS
 from vmresize.protocol.table import refuse_operation, same_host_refusal
 
 
+PAGE_EVENTS = 5000  # events per events_since call: bounded replies, whatever a log's length
 MAX_STEPS = 64      # a migration takes at most ~10 steps; more means a protocol bug
 
 
@@ -50,7 +51,9 @@ class HostUnavailable(Exception):
 class Transport(Protocol):
     async def call(self, host: str, cmd: c.Command, timeout_s: float) -> Reply: ...
 
-    async def events_since(self, host: str, offset: int, timeout_s: float) -> list: ...
+    async def events_since(self, host: str, offset: int, timeout_s: float,
+                           limit: int | None = None) -> list:
+        """At most `limit` of the host's envelopes from `offset` on (a page)."""
 
 
 class ControllerSnapshot(msgspec.Struct):
@@ -250,11 +253,21 @@ class Controller:
                 self._arm_auto_confirm(mig)
 
     async def _pull(self, host: str, offset: int = 0) -> list:
+        """The host's events from `offset` on, a page of PAGE_EVENTS at a time."""
+        envs: list = []
+        while True:
+            page = await self._pull_page(host, offset + len(envs))
+            envs += page
+            if len(page) < PAGE_EVENTS:
+                return envs
+
+    async def _pull_page(self, host: str, offset: int) -> list:
         delay = self.opt.retry_backoff_s
         while True:
             try:
                 envs = await self.transport.events_since(host, offset,
-                                                         self.opt.step_timeout_s)
+                                                         self.opt.step_timeout_s,
+                                                         PAGE_EVENTS)
                 self.down_until.pop(host, None)
                 return envs
             except HostUnavailable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import time
 import uuid
@@ -113,9 +114,9 @@ class HostActor:
         shell = await self._shell()
         return await shell.handle(cmd)
 
-    async def events_since(self, offset: int) -> list:
+    async def events_since(self, offset: int, limit: int | None = None) -> list:
         shell = await self._shell()
-        return list(shell.log.replay(offset))
+        return list(itertools.islice(shell.log.replay(offset), limit))
 
     async def snapshot(self) -> None:
         (await self._shell()).save_snapshot()
@@ -155,8 +156,9 @@ class RayTransport:
     async def call(self, host: str, cmd: c.Command, timeout_s: float) -> c.Reply:
         return await self._remote(host, "handle", timeout_s, cmd)
 
-    async def events_since(self, host: str, offset: int, timeout_s: float) -> list:
-        return await self._remote(host, "events_since", timeout_s, offset)
+    async def events_since(self, host: str, offset: int, timeout_s: float,
+                           limit: int | None = None) -> list:
+        return await self._remote(host, "events_since", timeout_s, offset, limit)
 
     async def _remote(self, host: str, method: str, timeout_s: float, *args):
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 import shutil
 import time
@@ -290,13 +291,14 @@ class Simulator:
             except (HostCrashed, asyncio.CancelledError):
                 pass
 
-    async def events_since(self, host_name: str, offset: int, timeout_s: float) -> list:
+    async def events_since(self, host_name: str, offset: int, timeout_s: float,
+                           limit: int | None = None) -> list:
         await asyncio.sleep(self._delay())
         host = self.hosts[host_name]
         if host.shell is None:
             await asyncio.sleep(0.5)
             raise HostUnavailable(f"{host_name} is down")
-        return list(host.shell.log.replay(offset))
+        return list(itertools.islice(host.shell.log.replay(offset), limit))
 
     # ------------------------------------------------------------------ controller
 

@@ -16,6 +16,7 @@ import pytest
 
 import strategies as s
 from vmresize.config import load, parse
+from vmresize.actors import controller as controller_module
 from vmresize.actors.controller import Controller, HostEntry, OperationError
 from vmresize.actors.planner import End, Send, plan
 from vmresize.config import Options
@@ -67,8 +68,8 @@ class LocalTransport:
         self.calls += 1
         return await self.shells[host].handle(cmd)
 
-    async def events_since(self, host, offset, timeout_s):
-        return list(self.shells[host].log.replay(offset))
+    async def events_since(self, host, offset, timeout_s, limit=None):
+        return list(itertools.islice(self.shells[host].log.replay(offset), limit))
 
 
 class Rig:
@@ -443,8 +444,14 @@ async def test_controller_restart_resumes_an_in_flight_migration():
     assert report.ok and report.open_migrations == 0
 
 
+@pytest.mark.parametrize("page", [3, 5000])
+def test_restarted_controller_sees_the_same_views(page, monkeypatch):
+    monkeypatch.setattr(controller_module, "PAGE_EVENTS", page)
+    _restarted_controller_sees_the_same_views()
+
+
 @virtual
-async def test_restarted_controller_sees_the_same_views():
+async def _restarted_controller_sees_the_same_views():
     rig = Rig()
     ctl = await rig.start()
     await ctl.boot("vm1", "m1.small")
@@ -456,6 +463,7 @@ async def test_restarted_controller_sees_the_same_views():
     assert ctl2.migrations() == ctl.migrations()
     assert [h.memory_mb_used for h in ctl2.host_infos()] == [
         h.memory_mb_used for h in ctl.host_infos()]
+    assert ctl2.view.events == ctl.view.events > 3
 
 
 # --------------------------------------------------------------------------- broken on purpose
