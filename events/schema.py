@@ -6,6 +6,10 @@ follows msgspec's rules: new fields go last with defaults, a field never changes
 a tag is never reused. `SCHEMA_VERSION` is written in every envelope; a reader refuses a
 version it does not know.
 
+Host events, envelopes and the values in them are `gc=False`: frozen values built from
+decoded data cannot form reference cycles, and leaving millions of them out of the cycle
+collector's reach is what keeps a replay from spending most of its time in it.
+
 Allocation keys in a host's ledger (see projections.ledger):
   "i:<uuid>"          the instance's home allocation,
   "m:<id>:new"        a migration's claim on its destination (until Finished),
@@ -18,7 +22,7 @@ import msgspec
 SCHEMA_VERSION = 1
 
 
-class Resources(msgspec.Struct, frozen=True, array_like=True):
+class Resources(msgspec.Struct, frozen=True, array_like=True, gc=False):
     vcpus: int = 0
     memory_mb: int = 0
     disk_gb: int = 0
@@ -39,7 +43,7 @@ class Resources(msgspec.Struct, frozen=True, array_like=True):
 ZERO = Resources()
 
 
-class Flavor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Flavor(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     name: str
     vcpus: int
     memory_mb: int
@@ -53,7 +57,7 @@ class Flavor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                          self.root_gb + self.ephemeral_gb + swap_gb) + overhead
 
 
-class DiskInfo(msgspec.Struct, frozen=True):
+class DiskInfo(msgspec.Struct, frozen=True, gc=False):
     """One disk of an instance as the driver reports it."""
     name: str            # "disk", "disk.local", "disk.swap"
     virtual_gb: int
@@ -67,7 +71,8 @@ from vmresize.protocol.states import RUNNING, SHUTDOWN  # noqa: E402  Nova's pow
 
 # --------------------------------------------------------------------------- host events
 
-class HostEventBase(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+class HostEventBase(msgspec.Struct, frozen=True, tag_field="type", kw_only=True,
+                    gc=False):
     command_id: str = ""
 
 
@@ -124,7 +129,7 @@ class SpawnFailed(InstanceEvent, frozen=True, tag="SpawnFailed", kw_only=True):
 
 # -- resize: the destination's claim
 
-class MigrationSpec(msgspec.Struct, frozen=True):
+class MigrationSpec(msgspec.Struct, frozen=True, gc=False):
     """What both ends of a migration know of it; the controller hands it to each."""
     name: str                      # the instance's name
     source: str
@@ -351,7 +356,7 @@ ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | Confirm
 
 # --------------------------------------------------------------------------- envelope
 
-class Envelope(msgspec.Struct, frozen=True, array_like=True):
+class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One log record. `offset` is gapless per log; `wall_time` in seconds since epoch."""
     host: str
     offset: int

@@ -1,6 +1,9 @@
 """The states the projections build: instances, migrations, host ledgers.
 
-All frozen. These are also the views the CLI and the Python API hand out.
+All frozen. These are also the views the CLI and the Python API hand out. They are
+`gc=False` (left out of the cycle collector): they hold only strings, numbers, frozen
+values and, for a ledger, a dict of those, so they cannot form a cycle, and a projection
+of a long history holds hundreds of thousands of them.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from vmresize.protocol.states import MigrationStatus, TaskState, VmState
 MS = MigrationStatus
 
 
-class Instance(msgspec.Struct, frozen=True):
+class Instance(msgspec.Struct, frozen=True, gc=False):
     uuid: str
     name: str
     host: str
@@ -50,7 +53,7 @@ _TASK_STATUS = {TaskState.RESIZE_PREP: "RESIZE", TaskState.RESIZE_MIGRATING: "RE
                 TaskState.REBOOTING: "REBOOT", TaskState.REBOOTING_HARD: "HARD_REBOOT"}
 
 
-class Migration(msgspec.Struct, frozen=True):
+class Migration(msgspec.Struct, frozen=True, gc=False):
     id: str
     instance_uuid: str
     source_compute: str
@@ -86,7 +89,7 @@ class Migration(msgspec.Struct, frozen=True):
                 and (self.source_settled or not self.source_started))
 
 
-class Ledger(msgspec.Struct, frozen=True):
+class Ledger(msgspec.Struct, frozen=True, gc=False):
     """One host's allocations by key (see events.schema) and their sum."""
     host: str
     allocations: dict[str, Resources] = {}
