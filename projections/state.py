@@ -83,10 +83,15 @@ class Migration(msgspec.Struct, frozen=True, gc=False):
     @property
     def final(self) -> bool:
         """Ended, compensations included: nothing more will happen to it."""
-        if self.status in (MS.CONFIRMED, MS.REVERTED):
-            return True
-        return (self.status == MS.ERROR and self.dest_settled
-                and (self.source_settled or not self.source_started))
+        return migration_final(self)
+
+
+def migration_final(m) -> bool:
+    """`Migration.final`, for a migration or the fold's mutable record of one."""
+    if m.status in (MS.CONFIRMED, MS.REVERTED):
+        return True
+    return (m.status == MS.ERROR and m.dest_settled
+            and (m.source_settled or not m.source_started))
 
 
 class Ledger(msgspec.Struct, frozen=True, gc=False):

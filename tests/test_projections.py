@@ -23,7 +23,7 @@ from vmresize.events.log import MemoryLog
 from vmresize.events.schema import RUNNING, SHUTDOWN, Envelope
 from vmresize.projections import (Ledger, evolve_instance, evolve_ledger,
                                   evolve_migration, fold, server_status)
-from vmresize.projections.fold import Projection
+from vmresize.projections.fold import Projection, apply
 
 U, M = "u", "m"
 
@@ -444,6 +444,23 @@ def test_folding_does_not_mutate_the_projection_it_is_given(history, data):
     before = _dump(first)
     fold(history[cut:], first)
     assert _dump(first) == before
+
+
+@PROPS
+@given(history=s.merged_histories(), data=st.data())
+def test_applying_one_by_one_keeps_the_views_equal_to_the_fold(history, data):
+    """`apply` keeps a projection's frozen views in step with the records behind them,
+    also across a snapshot (a decoded projection has views only)."""
+    cut = data.draw(st.integers(0, len(history)))
+    p = Projection()
+    for env in history[:cut]:
+        apply(p, env)
+    assert p == fold(history[:cut])
+    p = msgspec.msgpack.decode(_dump(p), type=Projection)
+    for env in history[cut:]:
+        apply(p, env)
+    assert p == fold(history)
+    assert _dump(p) == _dump(fold(history))
 
 
 def _raw_log(envs) -> MemoryLog:
