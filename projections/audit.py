@@ -20,7 +20,8 @@ import msgspec
 
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, Resources
-from vmresize.projections.fold import Projection, _LEDGER_EVENTS, apply, merge_logs
+from vmresize.projections.fold import (_INSTANCE_EVENTS, _LEDGER_EVENTS, _MIGRATION_EVENTS,
+                                       FoldState, merge_logs)
 from vmresize.projections.state import claim_key, instance_key, source_key
 from vmresize.protocol.states import MigrationStatus as MS
 from vmresize.protocol.table import TRANSITIONS
@@ -77,16 +78,37 @@ class _Where(msgspec.Struct):
     offset: int
 
 
+_SPAWN_STARTED, _SPAWN_FAILED, _DELETED = ev.SpawnStarted, ev.SpawnFailed, ev.Deleted
+_MAY_BE_FINAL = frozenset({MS.CONFIRMED, MS.REVERTED, MS.ERROR})   # see Migration.final
+
+
 class _Checker:
-    def __init__(self):
-        self.p = Projection()
+    """Feeds records to a FoldState and checks them as they come (invariants 1 to 3),
+    then the end state (4 to 6). Either side may run alone: the host side (ledgers,
+    invariant 1, which record last changed each allocation) needs only each host's
+    records in offset order, the instance side (instances, migrations, invariants 2 and
+    3) only the merged order; a checker of the instance side alone takes invariant-1
+    findings from `host_findings`, keyed by (host, offset), and puts them where its own
+    feed would have."""
+
+    def __init__(self, host_side: bool = True, instance_side: bool = True):
+        self.s = FoldState()
+        self.host_side = host_side
+        self.instance_side = instance_side
         self.violations: list[Violation] = []
+        self.host_findings: dict[tuple[str, int], list[Violation]] = {}
         # where each version of each instance was first written: versions[uuid][v - 1]
         self.versions: dict[str, list[tuple[str, int]]] = {}
-        self.mig_last: dict[str, Envelope] = {}    # the last record of each migration
+        self.mig_last: dict[str, tuple[str, int]] = {}    # the last record of a migration
         self.no_alloc: set[str] = set()
         # (host, allocation key) -> offset of the last record that changed it there
         self.changed: dict[tuple[str, str], int] = {}
+
+    @property
+    def p(self) -> FoldState:
+        """The fold so far: records with the views' fields (instances, migrations,
+        ledgers, offsets, events)."""
+        return self.s
 
     def flag(self, n: int, message: str, env_or_where, offsets=()):
         self.violations.append(Violation(INVARIANTS[n], message, env_or_where.host,
@@ -94,31 +116,41 @@ class _Checker:
 
     def feed(self, env: Envelope) -> None:
         e = env.event
-        if isinstance(e, ev.InstanceEvent):
-            self._check_version(env, e)
-        mid = getattr(e, "migration_id", "") if isinstance(e, ev.InstanceEvent) else ""
-        before = self.p.migrations.get(mid) if mid else None
         t = type(e)
-        if t in _LEDGER_EVENTS:
-            self._apply_noting_changes(env, _allocation_keys(e, mid))
-        else:
-            apply(self.p, env)
+        mid = ""
+        if self.instance_side and t in _INSTANCE_EVENTS:
+            self._check_version(env, e)
+            if t in _MIGRATION_EVENTS:
+                mid = e.migration_id
         if mid:
-            self._check_transition(env, before, self.p.migrations.get(mid))
-            self.mig_last[mid] = env
-        if t in (ev.SpawnFailed, ev.Deleted):
+            before = self.s.migrations.get(mid)
+            old = None if before is None else before.status
+            was_final = old in _MAY_BE_FINAL and before.final
+        if self.host_side and t in _LEDGER_EVENTS:
+            self._apply_noting_changes(env, _allocation_keys(
+                e, e.migration_id if t in _MIGRATION_EVENTS else ""))
+        else:
+            self.s.apply(env, self.host_side, self.instance_side)
+        if mid:
+            self._check_transition(env, before is not None, old, was_final,
+                                   self.s.migrations.get(mid))
+            self.mig_last[mid] = (env.host, env.offset)
+        if t is _SPAWN_FAILED or t is _DELETED:
             self.no_alloc.add(e.instance_uuid)
-        elif t is ev.SpawnStarted:
+        elif t is _SPAWN_STARTED:
             self.no_alloc.discard(e.instance_uuid)
         if t in _LEDGER_EVENTS:
-            self._check_capacity(env)
+            if self.host_side:
+                self._check_capacity(env)
+            elif self.host_findings:
+                self.violations.extend(self.host_findings.pop((env.host, env.offset), ()))
 
     def _apply_noting_changes(self, env: Envelope, keys: tuple[str, ...]) -> None:
         """apply, and note which of `keys` the record changed in its host's ledger."""
-        ledger = self.p.ledgers.get(env.host)
+        ledger = self.s.ledgers.get(env.host)
         held = [ledger.allocations.get(k) for k in keys] if ledger else [None] * len(keys)
-        apply(self.p, env)
-        allocations = self.p.ledgers[env.host].allocations
+        self.s.apply(env, True, self.instance_side)
+        allocations = self.s.ledgers[env.host].allocations
         for key, was in zip(keys, held):
             if allocations.get(key) != was:
                 self.changed[(env.host, key)] = env.offset
@@ -139,25 +171,24 @@ class _Checker:
             self.flag(2, f"instance {uuid}: version {v} follows {last} (gap)", env)
             chain.extend([(env.host, env.offset)] * (v - last))
 
-    def _check_transition(self, env, before, after) -> None:
+    def _check_transition(self, env, existed: bool, old: str | None, was_final: bool,
+                          after) -> None:
         if after is None:
             self.flag(3, f"{type(env.event).__name__} for migration "
                       f"{env.event.migration_id} that was never claimed", env)
             return
-        old = before.status if before is not None else None
-        if type(env.event) is ev.Claimed and before is not None:
+        if type(env.event) is ev.Claimed and existed:
             self.flag(3, f"migration {after.id} claimed twice", env)
         elif after.status != old and after.status not in MERGED_TRANSITIONS.get(old, ()):
             self.flag(3, f"migration {after.id}: {old} -> {after.status} "
                       f"({type(env.event).__name__}) is not a protocol step", env)
-        elif after.status == old and old != MS.ERROR and before is not None and \
-                before.final:
+        elif after.status == old and old != MS.ERROR and was_final:
             self.flag(3, f"migration {after.id}: {type(env.event).__name__} after it "
                       f"ended ({old})", env)
 
     def _check_capacity(self, env: Envelope) -> None:
-        ledger = self.p.ledgers[env.host]
-        if ledger.limit == Resources():
+        ledger = self.s.ledgers[env.host]
+        if ledger.limit == ev.ZERO:
             self.flag(1, f"host {env.host} allocates before logging its capacity", env)
         elif not ledger.used.fits_in(ledger.limit):
             self.flag(1, f"host {env.host} holds {_res(ledger.used)}, over its limit "
@@ -179,7 +210,7 @@ class _Checker:
                     mig = self.p.migrations.get(mid)
                     if mig is not None and mig.final:
                         self.flag(4, f"migration {mid} ended {mig.status} but {host} "
-                              f"still holds {key}", self.mig_last[mid])
+                              f"still holds {key}", _Where(*self.mig_last[mid]))
                 elif key.startswith("i:"):
                     holders.setdefault(key[2:], []).append(host)
         for uuid, inst in self.p.instances.items():
@@ -189,7 +220,8 @@ class _Checker:
             want = 0 if (inst.deleted or uuid in self.no_alloc) else 1
             got = holders.get(uuid, [])
             if len(got) != want:
-                where = self.mig_last.get(inst.migration_id) or self._last_of(uuid)
+                last = self.mig_last.get(inst.migration_id)
+                where = _Where(*last) if last else self._last_of(uuid)
                 self.flag(4, f"instance {uuid} ({inst.name}) should be held by {want} "
                           f"host(s), is held by {got or 'none'}", where)
 
@@ -204,10 +236,10 @@ class _Checker:
             if mig.resize_dir:
                 self.flag(5, f"migration {mid} ended {mig.status} leaving "
                           f"{mig.instance_uuid}_resize on {mig.source_compute}",
-                          self.mig_last[mid])
+                          _Where(*self.mig_last[mid]))
             if mig.dest_copy and not _kept_on_dest(mig):
                 self.flag(5, f"migration {mid} ended {mig.status} leaving the disk "
-                          f"copy on {mig.dest_compute}", self.mig_last[mid])
+                          f"copy on {mig.dest_compute}", _Where(*self.mig_last[mid]))
 
     def _check_ledger_from_instances(self) -> None:
         expected = _expected_allocations(self.p, self.no_alloc)
@@ -243,7 +275,7 @@ def _res(r: Resources | None) -> str:
     return f"{r.vcpus} vcpus/{r.memory_mb} MB/{r.disk_gb} GB"
 
 
-def _expected_allocations(p: Projection, no_alloc: set[str]) -> dict[str, dict]:
+def _expected_allocations(p: FoldState, no_alloc: set[str]) -> dict[str, dict]:
     """What every host should hold, recomputed from instances and migrations."""
     out: dict[str, dict] = {}
 
