@@ -42,7 +42,9 @@ def _segment_of(log_dir: Path, offset: int) -> str:
 
 
 def decode_records(log: SegmentLog, log_dir: Path, decode, start: int = 0,
-                   stop: int | None = None) -> Iterator:
+                   stop: int | None = None, payloads: bool = False) -> Iterator:
+    """The log's records decoded and checked (CorruptLog names the segment and offset);
+    with `payloads`, (envelope, payload bytes) pairs."""
     for offset, payload in log.read(start, stop):
         try:
             env = decode(payload)
@@ -51,7 +53,7 @@ def decode_records(log: SegmentLog, log_dir: Path, decode, start: int = 0,
         if env.offset != offset:
             raise CorruptLog(_segment_of(log_dir, offset), offset,
                              f"record says offset {env.offset}")
-        yield env
+        yield (env, payload) if payloads else env
 
 
 class HostLogReader:
@@ -70,6 +72,11 @@ class HostLogReader:
 
     def envelopes(self, start: int = 0, stop: int | None = None) -> Iterator[Envelope]:
         return decode_records(self.log, self.log_dir, decode_host, start, stop)
+
+    def records(self, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[Envelope, bytes]]:
+        """Like `envelopes`, with each record's payload bytes beside its envelope."""
+        return decode_records(self.log, self.log_dir, decode_host, start, stop, True)
 
     def close(self) -> None:
         self.log.close()
