@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import strategies as s
 from strategies import SMALL, TINY, History
 from vmresize.events import schema as ev
-from vmresize.events.log import LogError
+from vmresize.events.codec import encode
+from vmresize.events.log import CorruptLog, LogError, SegmentLog
 from vmresize.events.schema import Resources
 from vmresize.projections import audit, check
 
@@ -787,3 +788,115 @@ def test_audit_as_of_a_record_stops_at_it_when_the_next_one_is_not_an_instances(
     h.inst("a", ev.PoweredOff, "w")              # w's version 3, written on a
     s.write_state_dir(h.logs, tmp_path)
     assert audit(tmp_path, as_of="a:2").records == {"a": 3, "b": 0}
+
+
+# --------------------------------------------------------------------------- two processes
+#
+# `audit(processes=2)` splits the checker between a helper process (host side) and this
+# one (instance side); its report must be the one process's, violations, their order,
+# hosts and offsets included.
+
+split_module = importlib.import_module("vmresize.projections.split_audit")
+
+
+def _write_state(state_dir, logs) -> None:
+    """Each host's events into a real segment log, offsets stamped anew from 0."""
+    for host, envs in logs.items():
+        log = SegmentLog(state_dir / "hosts" / host / "log", fsync=False)
+        log.append(list(envs), lambda offset, env, host=host: encode(
+            msgspec.structs.replace(env, host=host, offset=offset)))
+        log.close()
+
+
+def _same_on_two_processes(state_dir, chunk_records: int = 3):
+    one = audit(state_dir, processes=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(split_module, "CHUNK_RECORDS", chunk_records)   # many chunks
+        two = audit(state_dir, processes=2)
+    assert two.violations == one.violations
+    assert msgspec.msgpack.encode(two) == msgspec.msgpack.encode(one)
+    return one
+
+
+@st.composite
+def injured_histories(draw):
+    """A simulated history with records dropped, copied to another host, given another
+    version, or made to claim far more than any host has."""
+    logs = {h: list(envs) for h, envs in draw(s.protocol_histories()).items()}
+    hosts = sorted(logs)
+    for _ in range(draw(st.integers(0, 4))):
+        host = draw(st.sampled_from(hosts))
+        if not logs[host]:
+            continue
+        i = draw(st.integers(0, len(logs[host]) - 1))
+        env = logs[host][i]
+        kind = draw(st.sampled_from(["drop", "copy", "version", "greedy"]))
+        if kind == "drop":
+            del logs[host][i]
+        elif kind == "copy":
+            other = logs[draw(st.sampled_from(hosts))]
+            other.insert(draw(st.integers(0, len(other))), env)
+        elif kind == "version" and isinstance(env.event, ev.InstanceEvent):
+            v = env.event.instance_version + draw(st.sampled_from([-1, 1, 2]))
+            logs[host][i] = msgspec.structs.replace(env, event=msgspec.structs.replace(
+                env.event, instance_version=v))
+        elif kind == "greedy" and type(env.event) is ev.SpawnStarted:
+            logs[host][i] = msgspec.structs.replace(env, event=msgspec.structs.replace(
+                env.event, resources=Resources(10_000, 1 << 30, 1 << 20)))
+    return logs
+
+
+@settings(max_examples=8, deadline=None)
+@given(logs=injured_histories())
+def test_two_processes_report_what_one_does(tmp_path_factory, logs):
+    state_dir = tmp_path_factory.mktemp("state")
+    _write_state(state_dir, logs)
+    _same_on_two_processes(state_dir)
+
+
+def test_two_processes_put_capacity_findings_where_one_does(tmp_path):
+    h = History(limit=Resources(4, 4096, 100))
+    h.boot("a", U, TINY)
+    h.boot("b", "u2", TINY)
+    h.resize(M, U, "a", "b", TINY, ev.Flavor(name="huge", vcpus=2, memory_mb=8192,
+                                                root_gb=20))
+    h.claim(M)
+    h.boot("a", "u3", ev.Flavor(name="big", vcpus=8, memory_mb=512, root_gb=1))
+    _write_state(tmp_path, h.logs)
+    report = _same_on_two_processes(tmp_path, chunk_records=2)
+    assert [(v.invariant, v.host) for v in report.violations] == [
+        ("capacity", "a"), ("capacity", "b")]
+
+
+def test_two_processes_report_a_torn_tail_and_cut_as_of(tmp_path, monkeypatch):
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    _write_state(tmp_path, h.logs)
+    with open(next((tmp_path / "hosts" / "b" / "log").glob("*.seg")), "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")
+    report = _same_on_two_processes(tmp_path)
+    assert [t.host for t in report.torn_tails] == ["b"]
+    monkeypatch.setattr(split_module, "CHUNK_RECORDS", 2)
+    for as_of in ("b:3", datetime.fromtimestamp(h.logs["b"][2].wall_time,
+                                                timezone.utc).isoformat()):
+        assert audit(tmp_path, as_of, processes=2) == audit(tmp_path, as_of, processes=1)
+    for hosts in (["a", "b"], ["a", "b", "c"]):
+        assert audit(tmp_path, expected_hosts=hosts, processes=2) == audit(
+            tmp_path, expected_hosts=hosts, processes=1)
+
+
+def test_two_processes_raise_what_one_does_on_a_corrupt_log(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    _write_state(tmp_path, h.logs)
+    seg = next((tmp_path / "hosts" / "a" / "log").glob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[12] ^= 0xFF               # inside the first record: its CRC no longer matches
+    seg.write_bytes(bytes(data))
+    errors = []
+    for processes in (1, 2):
+        with pytest.raises(CorruptLog) as exc:
+            audit(tmp_path, processes=processes)
+        errors.append((exc.value.path, exc.value.offset))
+    assert errors[0] == errors[1] == (str(seg), 0)
