@@ -616,7 +616,7 @@ def merge_logs(logs: dict[str, Iterable[Envelope]],
     def place(host: str, env: Envelope) -> None:
         heads[host] = env
         e = env.event
-        if not isinstance(e, ev.InstanceEvent):
+        if type(e) not in _INSTANCE_EVENTS:
             ready.append(host)
             return
         want = expected.get(e.instance_uuid, 0) + 1
@@ -641,7 +641,7 @@ def merge_logs(logs: dict[str, Iterable[Envelope]],
         env = heads.pop(host)
         e = env.event
         yield env
-        if isinstance(e, ev.InstanceEvent) and e.instance_version > expected.get(
+        if type(e) in _INSTANCE_EVENTS and e.instance_version > expected.get(
                 e.instance_uuid, 0):
             expected[e.instance_uuid] = e.instance_version
             waiting = blocked.pop((e.instance_uuid, e.instance_version + 1), None)
