@@ -14,6 +14,7 @@ different moment on every host.
 from __future__ import annotations
 
 import os
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable
@@ -75,6 +76,17 @@ class AuditReport(msgspec.Struct):
     records: dict[str, int] = {}      # records read from each host's log
 
 
+VERSION_WINDOW = 64     # memory per instance stays bounded whatever its history
+
+
+class _Chain:
+    __slots__ = ("last", "recent")
+
+    def __init__(self):
+        self.last = 0
+        self.recent: deque[tuple[str, int]] = deque(maxlen=VERSION_WINDOW)
+
+
 class _Where(msgspec.Struct):
     host: str
     offset: int
@@ -99,8 +111,9 @@ class _Checker:
         self.instance_side = instance_side
         self.violations: list[Violation] = []
         self.host_findings: dict[tuple[str, int], list[Violation]] = {}
-        # where each version of each instance was first written: versions[uuid][v - 1]
-        self.versions: dict[str, list[tuple[str, int]]] = {}
+        # per instance: its last version, and where its last VERSION_WINDOW versions were
+        # first written (a fork names the first record when it is that recent)
+        self.versions: dict[str, _Chain] = {}
         self.mig_last: dict[str, tuple[str, int]] = {}    # the last record of a migration
         self.no_alloc: set[str] = set()
         # (host, allocation key) -> offset of the last record that changed it there
@@ -161,17 +174,24 @@ class _Checker:
         uuid, v = e.instance_uuid, e.instance_version
         chain = self.versions.get(uuid)
         if chain is None:
-            chain = self.versions[uuid] = []
-        last = len(chain)
+            chain = self.versions[uuid] = _Chain()
+        last, recent = chain.last, chain.recent
         if v == last + 1:
-            chain.append((env.host, env.offset))
+            recent.append((env.host, env.offset))
+            chain.last = v
         elif v <= last:
-            host, offset = chain[v - 1]
-            self.flag(2, f"instance {uuid}: version {v} written twice (fork); first at "
-                      f"{host}:{offset}", env, [offset])
+            back = last - v
+            if v >= 1 and back < len(recent):
+                host, offset = recent[-1 - back]
+                self.flag(2, f"instance {uuid}: version {v} written twice (fork); first "
+                          f"at {host}:{offset}", env, [offset])
+            else:
+                self.flag(2, f"instance {uuid}: version {v} written again after version "
+                          f"{last} (fork)", env)
         else:
             self.flag(2, f"instance {uuid}: version {v} follows {last} (gap)", env)
-            chain.extend([(env.host, env.offset)] * (v - last))
+            recent.extend([(env.host, env.offset)] * min(v - last, VERSION_WINDOW))
+            chain.last = v
 
     def _check_transition(self, env, existed: bool, old: str | None, was_final: bool,
                           after) -> None:
@@ -229,7 +249,7 @@ class _Checker:
 
     def _last_of(self, uuid: str) -> _Where:
         chain = self.versions.get(uuid)
-        return _Where(*chain[-1]) if chain else _Where("", 0)
+        return _Where(*chain.recent[-1]) if chain and chain.recent else _Where("", 0)
 
     def _check_dirs(self) -> None:
         for mid, mig in self.p.migrations.items():
