@@ -286,10 +286,13 @@ def headline(directory: Path, events: list, duration_s: float, rounds: int) -> d
     """64 async appenders and SQLite per 64-event transaction, alternating."""
     ours, theirs = [], []
     for i in range(rounds):
-        pair = [lambda: ours.append(log_async(directory, events, 64, duration_s)),
-                lambda: theirs.append(sqlite(directory, events, SQLITE_BATCH, duration_s))]
+        here = directory / f"round-{i}"            # fresh files: a new log, a new database
+        here.mkdir()
+        pair = [lambda: ours.append(log_async(here, events, 64, duration_s)),
+                lambda: theirs.append(sqlite(here, events, SQLITE_BATCH, duration_s))]
         for measure in (pair if i % 2 == 0 else pair[::-1]):
             measure()
+        shutil.rmtree(here)
     return {"log_async_64": median_run(ours),
             f"sqlite_batch_{SQLITE_BATCH}": median_run(theirs)}
 

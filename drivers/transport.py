@@ -32,7 +32,6 @@ import ctypes
 import errno
 import json
 import os
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -45,7 +44,6 @@ CHUNK_BYTES = 4 << 20
 WRITEBACK_BYTES = 32 << 20   # start the kernel's writeback of a .part every this many bytes
 META_EVERY_BYTES = 64 << 20  # a local copy records its progress every this many bytes
 CHUNK_RETRIES_MAX = 3        # puts of one chunk that failed their check before giving up
-WRITES_QUEUED_MAX = 2        # verified chunks a receiver holds in memory for its writer
 FILE_ATTEMPTS_MAX = 2        # a whole-file digest mismatch restarts the copy once
 PART, META = ".part", ".part-meta"
 SYNC_FILE_RANGE_WRITE = 2    # linux/fs.h: start writeback, do not wait for it
@@ -168,21 +166,13 @@ def _check_rel_path(rel_path: str) -> None:
 # --------------------------------------------------------------------------- receiver
 
 class _Transfer:
-    """One file being received: its open `.part`, progress and running digest.
-
-    A put verifies its chunk and hands it to the transfer's writer thread, which writes
-    it and records it in the meta file: verifying chunk k+1 overlaps writing chunk k.
-    A write that failed is raised by the next put, or by commit, which waits for all."""
+    """One file being received: its open `.part`, progress and running digest."""
 
     def __init__(self, fd: int, size: int, source_id: str) -> None:
         self.fd, self.size, self.source_id = fd, size, source_id
         self.done = 0                          # every byte below is written (or a hole)
         self.runs: list[list[int]] = []        # data runs written, merged, in order
-        self.digest = RunDigest()              # of everything verified
-        self.verified = 0                      # every byte below is verified (or a hole)
-        self.done_check = self.digest.check()  # the digest at `done`
-        self._writer: ThreadPoolExecutor | None = None
-        self._writes: deque[Future] = deque()
+        self.digest = RunDigest()
         self.flushed = 0                       # writeback started below this offset
         self.meta_fd: int | None = None        # .part-meta, rewritten in place
         self.meta_bytes = 0
@@ -202,19 +192,7 @@ class _Transfer:
         # recorded (a power cut may have lost pages the meta file outlived).
         return json.dumps({"size": self.size, "source_id": self.source_id,
                            "done": self.done, "runs": self.runs,
-                           "check": self.done_check.hex()}).encode()
-
-    def queue_write(self, final: str, offset: int, data, check: bytes) -> None:
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receive")
-        self._writes.append(self._writer.submit(_store, self, final, offset, data, check))
-        while len(self._writes) > WRITES_QUEUED_MAX:
-            self._writes.popleft().result()    # backpressure bounds the memory held
-
-    def drain(self, wait: bool) -> None:
-        """Raise the first failed write; with `wait`, wait for every queued write."""
-        while self._writes and (wait or self._writes[0].done()):
-            self._writes.popleft().result()
+                           "check": self.digest.check().hex()}).encode()
 
     def start_writeback(self) -> None:
         """Have the kernel start writing what we wrote so far, so the fsync at commit finds
@@ -232,8 +210,7 @@ class _Transfer:
         self.flushed = self.done
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)   # never close the fd under a write
+        self.digest.close()
         if self._flusher is not None:
             self._flusher.shutdown(wait=True)  # never close the fd under a running call
         os.close(self.fd)
@@ -350,7 +327,6 @@ def _open_transfer(final: str, size: int, source_id: str) -> _Transfer:
         t = _Transfer(fd, size, source_id)
         if (os.fstat(fd).st_size == size and _rehash(t, meta["runs"])
                 and t.digest.check().hex() == meta["check"]):
-            t.verified, t.done_check = t.done, t.digest.check()
             return t
         t.close()
     fd = os.open(final + PART, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -374,31 +350,24 @@ def _rehash(t: _Transfer, runs: list[list[int]]) -> bool:
 
 
 def _write_chunk(t: _Transfer, final: str, offset: int, data: bytes, check: bytes) -> None:
-    """Verify one chunk against the sender's running digest, then queue it for writing:
-    one hash of each byte, before the byte reaches the file."""
-    t.drain(wait=False)
+    """Verify one chunk against the sender's running digest, then write it: one hash of
+    each byte, before the byte reaches the file."""
     end = offset + len(data)
-    if end <= t.verified:
-        return                                 # a repeated put: verified already
-    if offset < t.verified:                    # overlaps what we hold: keep the new tail
-        data, offset = memoryview(data)[t.verified - offset:], t.verified
+    if end <= t.done:
+        return                                 # a repeated put: already written
+    if offset < t.done:                        # overlaps what we hold: keep the new tail
+        data, offset = memoryview(data)[t.done - offset:], t.done
     before = t.digest.copy()
     t.digest.update(offset, data)
     if t.digest.check() != check:
         t.digest = before
         raise ChunkChecksumError(f"{os.path.basename(final)}: chunk at {offset} "
                                  f"({len(data)} bytes) does not match its check")
-    t.verified = end
-    t.queue_write(final, offset, data, check)
-
-
-def _store(t: _Transfer, final: str, offset: int, data, check: bytes) -> None:
-    """The writer thread: write a verified chunk and record it."""
     written = os.pwrite(t.fd, data, offset)
     if written != len(data):
+        t.digest = before
         raise DiskError(f"{final}{PART}: short write at {offset} ({written} of {len(data)})")
     t.record(offset, len(data))
-    t.done_check = check
     # After every chunk: a receiver restarted between two puts must know all it holds.
     _write_meta(final, t)
     t.start_writeback()
@@ -406,7 +375,6 @@ def _store(t: _Transfer, final: str, offset: int, data, check: bytes) -> None:
 
 def _commit(t: _Transfer, final: str, digest: str) -> None:
     try:
-        t.drain(wait=True)
         mine = t.digest.hexdigest(t.size)
         if mine != digest:
             _drop_part(final)
