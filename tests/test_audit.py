@@ -303,14 +303,20 @@ def test_3_revert_after_confirm_is_caught():
     assert [(v.host, v.offset) for v in found] == [("b", bad.offset)]
 
 
-def test_3_a_step_repeated_after_the_end_is_caught():
+@pytest.mark.parametrize("end", ["confirmed", "reverted"])
+def test_3_a_step_repeated_after_the_end_is_caught(end):
     h = resized()
     h.full_resize(M)
-    h.confirm(M)
-    again = h.mig("a", ev.Confirmed, M)       # the status stays confirmed
+    if end == "confirmed":
+        h.confirm(M)
+        again = h.mig("a", ev.Confirmed, M)       # the status stays confirmed
+    else:
+        h.revert_dest(M)
+        h.finish_revert(M)
+        again = h.mig("a", ev.Reverted, M, power_state=ev.RUNNING)
     _, found = violations(h, "state-machine")
     assert [(v.host, v.offset) for v in found] == [("a", again.offset)]
-    assert "Confirmed after it ended (confirmed)" in found[0].message
+    assert f"{type(again.event).__name__} after it ended ({end})" in found[0].message
 
 
 def test_3_claimed_twice_is_caught():
@@ -335,6 +341,17 @@ def test_4_ended_migration_that_left_a_claim_is_caught():
     assert (found[0].host, found[0].offset) == ("a", last.offset)
     assert "still holds m:m:new" in found[0].message
     assert "b" in found[0].message
+
+
+def test_4_a_leak_is_found_whatever_the_migration_id_holds():
+    h = resized(old=SMALL, new=TINY)
+    h.specs["id:with:colons"] = h.specs.pop(M)
+    h.claim("id:with:colons")
+    h.fail("id:with:colons", "resize_instance")
+    last = h.release("id:with:colons", "dest", host="a")
+    _, found = violations(h, "no-leak")
+    assert [(v.host, v.offset) for v in found] == [("a", last.offset)]
+    assert "b still holds m:id:with:colons:new" in found[0].message
 
 
 def test_4_instance_held_by_no_host_is_caught():
@@ -587,6 +604,10 @@ def test_audit_as_of_an_iso_time(state_dir):
     # machine hold (migrations may be open, which is not a violation)
     assert not [v for v in report.violations if v.invariant in
                 ("capacity", "version-chain", "state-machine")]
+
+
+def test_audit_as_of_nothing_is_the_whole_history(state_dir):
+    assert audit(state_dir, as_of="").records == audit(state_dir).records
 
 
 @pytest.mark.parametrize("garbage", ["yesterday-ish", "sim-1:", ":5", "sim-1:-1",
