@@ -408,6 +408,21 @@ def test_5_a_revert_given_up_on_the_destination_leaves_the_resize_dir_only():
     assert gave_up.offset < len(h.logs["b"])
 
 
+def test_5_a_resize_dir_left_is_found_whatever_migration_comes_before_it():
+    # an open migration is looked at first; the one after it left its `_resize` dir
+    h = History(hosts=("a", "b", "c"))
+    h.boot("a", "u1", TINY)
+    h.resize("open", "u1", "a", "b", TINY, SMALL)
+    h.claim("open")
+    h.boot("a", "u2", TINY)
+    h.resize("left", "u2", "a", "c", TINY, SMALL)
+    h.full_resize("left")
+    h.mig("a", ev.ConfirmStarted, "left")
+    gave_up = h.fail("left", "confirm", rolled_back=False)
+    _, found = violations(h, "resize-dirs")
+    assert [(v.host, v.offset) for v in found] == [("a", gave_up.offset)]
+
+
 def test_5_confirmed_leaves_no_dirs():
     h = resized()
     h.full_resize(M)
