@@ -533,7 +533,8 @@ def test_4_an_instance_spawned_again_on_another_host_is_held_twice(history, data
     # Given a host that spawned an instance living elsewhere (a second home)
     seed, logs = history
     p = fold(merged(logs))
-    homes = [(uuid, inst) for uuid, inst in sorted(p.instances.items()) if not inst.deleted
+    homes = [(uuid, inst) for uuid, inst in sorted(p.instances.items())
+             if f"i:{uuid}" in p.ledgers[inst.host].allocations     # held (spawned, live)
              and (not inst.migration_id or p.migrations[inst.migration_id].final)]
     uuid, inst = record_choice(data.draw, homes)
     other = data.draw(st.sampled_from(sorted(set(logs) - {inst.host})))
