@@ -133,6 +133,7 @@ def test_a_spawn_that_failed_holds_nothing_and_is_no_leak():
     h = History()
     h.inst("a", ev.SpawnStarted, U, name="vm", flavor=TINY, resources=TINY.resources())
     h.inst("a", ev.SpawnFailed, U, reason="no image")
+    h.boot("b", "later", TINY)       # an instance looked at after the failed one
     report = check(h.logs)
     assert report.ok, report.violations
 
@@ -734,11 +735,11 @@ def test_a_cut_before_a_hosts_first_record_does_not_make_its_log_empty(state_dir
 
 # --------------------------------------------------------------------------- reports and reading
 
-def test_violations_and_torn_tail_notes_are_frozen():
-    from vmresize.projections.audit import TornTailNote, Violation
+def test_violations_torn_tail_notes_and_cuts_are_frozen():
+    from vmresize.projections.audit import TornTailNote, Violation, parse_as_of
     v = Violation("capacity", "m", "a", 1)
     note = TornTailNote("a", "seg", 3, 4)
-    for value, field in ((v, "offset"), (note, "offset")):
+    for value, field in ((v, "offset"), (note, "offset"), (parse_as_of("a:1"), "offset")):
         with pytest.raises(AttributeError):
             setattr(value, field, 0)
 
