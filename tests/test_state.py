@@ -114,3 +114,15 @@ def test_an_instance_being_built_or_that_failed_to_spawn_has_no_power_state():
     assert (building.power_state, building.status) == (0, "BUILD")    # Nova's NOSTATE
     failed = h.inst("a", ev.SpawnFailed, "u", reason="no image")
     assert fold([started, failed]).instances["u"].power_state == 0
+
+
+def test_a_migration_first_seen_on_its_source_was_claimed_already():
+    # the source's own log starts a migration at MigrationStarted: the destination's
+    # claim, probe included, came before it
+    h = History()
+    h.boot("a", "u", TINY)
+    h.resize("m", "u", "a", "b", TINY, SMALL)
+    h.claim("m")
+    started = h.start("m")
+    m = fold([started]).migrations["m"]
+    assert (m.status, m.claim_ready, m.source_started) == ("migrating", True, True)
