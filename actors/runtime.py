@@ -15,7 +15,6 @@ import itertools
 import os
 import time
 import uuid
-from pathlib import Path
 
 import msgspec
 import ray
@@ -280,6 +279,3 @@ def stop_actors(cfg: ClusterConfig, namespace: str) -> int:
         killed += 1
     return killed
 
-
-def state_path(cfg: ClusterConfig) -> Path:
-    return Path(cfg.state_dir)
