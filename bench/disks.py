@@ -33,6 +33,8 @@ DATA_BYTES = 512 * MiB
 PIECE_BYTES = 16 * MiB              # data written in pieces spread over the disk
 MEMORY_FS = {"tmpfs", "ramfs"}
 QEMU_IMG_TIMEOUT_S = 300.0
+# DESIGN §8: the move at least this fraction of cp's rate, with and without its fsync
+TARGETS = {"ratio_vs_cp_fsync": 0.8, "ratio_vs_cp": 0.5}
 
 
 def fs_type(path: str) -> str:
@@ -168,6 +170,7 @@ def move_rounds(flat: str, work: str, rounds: int) -> dict:
 
 
 def run(work: str, rounds: int) -> dict:
+    load_at_start = os.getloadavg()[0]
     steps, flat = qemu_img_steps(work)
     size, allocated = os.path.getsize(flat), allocated_bytes(flat)
     moves = move_rounds(flat, work, rounds)
@@ -178,7 +181,7 @@ def run(work: str, rounds: int) -> dict:
                             QEMU_IMG_TIMEOUT_S)
     stats = moves["stats"]
     rate = lambda s: round(size / s)                                     # noqa: E731
-    return {
+    fig = {
         "dir": os.path.dirname(work), "fs": fs_type(work), "rounds": rounds,
         "file_bytes": size, "allocated_bytes": allocated, "bytes_sent": stats.bytes_sent,
         "sent_le_allocated": stats.bytes_sent <= allocated,
@@ -190,10 +193,14 @@ def run(work: str, rounds: int) -> dict:
         "ratio_vs_cp": round(moves["cp_s"] / moves["move_s"], 3),
         "ratio_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["move_s"], 3),
         "ratio_local_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["local_s"], 3),
+        "load_avg_1m_start": round(load_at_start, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "qemu_img_s": {k: round(v, 4) for k, v in steps.items()},
         "runs_s": {k: [round(x, 3) for x in v] for k, v in moves["all"].items()},
+        "targets": TARGETS,
     }
+    fig["targets_met"] = {k: fig[k] >= v for k, v in TARGETS.items()}
+    return fig
 
 
 def table(fig: dict) -> str:
@@ -212,9 +219,13 @@ def table(fig: dict) -> str:
         ("bytes sent / allocated", f"{fig['bytes_sent']} / {fig['allocated_bytes']}",
          "ok" if fig["sent_le_allocated"] else "MORE THAN ALLOCATED"),
     ]
+    rows += [(f"target: {name} >= {target}", f"{fig[name]:.2f}x",
+              "met" if fig["targets_met"][name] else "MISSED")
+             for name, target in fig["targets"].items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"disk benchmark in {fig['dir']} ({fig['fs']}), image {fig['file_bytes']} bytes, "
-             f"median of {fig['rounds']} rounds, load average {fig['load_avg_1m']}"]
+             f"median of {fig['rounds']} rounds, load average {fig['load_avg_1m_start']} "
+             f"at the start, {fig['load_avg_1m']} at the end"]
     lines += [f"  {name:<{width}}  {value:>24}  {extra}" for name, value, extra in rows]
     return "\n".join(lines)
 

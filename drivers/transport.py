@@ -6,8 +6,9 @@ holes are never sent), cuts them into chunks and pushes them through a `ChunkPee
 destination's `FileReceiver` writes them into a sparse `<final>.part`, records its
 progress in `<final>.part-meta` so a restarted copy resumes, and renames to the final name
 only when the whole-file digest matches. `PeerSink` adapts a peer to the driver's
-`DiskSink`. Each side reads or writes every byte once and hashes it once, on the thread
-that moves it: the sender reads chunk k+1 while the receiver verifies and writes chunk k,
+`DiskSink`. Each side reads or writes every byte once and hashes it once: the sender
+reads and hashes chunk k+1 while the receiver verifies and writes chunk k, the receiver
+hashing a chunk while its own thread writes it (the chunk counts only once verified),
 and the receiver has the kernel start writing back as it goes, so the final fsync finds
 little left to do.
 
@@ -178,7 +179,20 @@ class _Transfer:
         self.meta_bytes = 0
         self._flusher: ThreadPoolExecutor | None = None
         self._writeback: Future | None = None
+        self._writer: ThreadPoolExecutor | None = None
         self.lock = asyncio.Lock()
+
+    def write_while(self, data, offset: int, work: Callable[[], bool]) -> int:
+        """pwrite `data` at `offset` on the transfer's writer thread while `work()` runs
+        here (both release the GIL); raise what either raised. Returns bytes written."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-write")
+        written = self._writer.submit(os.pwrite, self.fd, data, offset)
+        try:
+            work()
+        finally:
+            result = written.result()       # never leave a write running behind us
+        return result
 
     def record(self, offset: int, length: int) -> None:
         if self.runs and self.runs[-1][0] + self.runs[-1][1] == offset:
@@ -211,8 +225,9 @@ class _Transfer:
 
     def close(self) -> None:
         self.digest.close()
-        if self._flusher is not None:
-            self._flusher.shutdown(wait=True)  # never close the fd under a running call
+        for pool in (self._flusher, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True)       # never close the fd under a running call
         os.close(self.fd)
         if self.meta_fd is not None:
             os.close(self.meta_fd)
@@ -350,20 +365,25 @@ def _rehash(t: _Transfer, runs: list[list[int]]) -> bool:
 
 
 def _write_chunk(t: _Transfer, final: str, offset: int, data: bytes, check: bytes) -> None:
-    """Verify one chunk against the sender's running digest, then write it: one hash of
-    each byte, before the byte reaches the file."""
+    """Verify one chunk against the sender's running digest while it is written: one hash
+    of each byte, overlapped with the write. Bytes past `t.done` count only once verified
+    (`done`, the runs and the meta file move after the check): a chunk that fails its
+    check leaves bytes no one relies on, which its retry overwrites."""
     end = offset + len(data)
     if end <= t.done:
         return                                 # a repeated put: already written
     if offset < t.done:                        # overlaps what we hold: keep the new tail
         data, offset = memoryview(data)[t.done - offset:], t.done
     before = t.digest.copy()
-    t.digest.update(offset, data)
+    try:
+        written = t.write_while(data, offset, lambda: t.digest.update(offset, data))
+    except BaseException:
+        t.digest = before
+        raise
     if t.digest.check() != check:
         t.digest = before
         raise ChunkChecksumError(f"{os.path.basename(final)}: chunk at {offset} "
                                  f"({len(data)} bytes) does not match its check")
-    written = os.pwrite(t.fd, data, offset)
     if written != len(data):
         t.digest = before
         raise DiskError(f"{final}{PART}: short write at {offset} ({written} of {len(data)})")

@@ -272,6 +272,29 @@ def test_a_chunk_that_does_not_match_its_check_is_refused(hosts):
     asyncio.run(scenario())
 
 
+def test_a_refused_chunk_counts_for_nothing_though_written(hosts):
+    """The receiver writes a chunk while it hashes it, so a refused chunk may be in the
+    .part; neither its progress nor a restarted receiver counts it, and its retry lands."""
+    _, dst = hosts
+    good = b"0123456789abcdefghij"
+    whole = RunDigest()
+    whole.update(0, good)
+
+    async def scenario():
+        receiver = FileReceiver(str(dst))
+        assert await receiver.begin("u/disk", 20, "id") == 0
+        await receiver.put("u/disk", 0, good[:10], check_of(0, good[:10]))
+        with pytest.raises(ChunkChecksumError):
+            await receiver.put("u/disk", 10, b"XXXXXXXXXX", whole.check())
+        restarted = FileReceiver(str(dst))
+        assert await restarted.begin("u/disk", 20, "id") == 10
+        await restarted.put("u/disk", 10, good[10:], whole.check())
+        await restarted.commit("u/disk", whole.hexdigest(20))
+
+    asyncio.run(scenario())
+    assert read(dst / "u" / "disk") == good
+
+
 def test_wrong_digest_is_refused_and_dropped(hosts):
     _, dst = hosts
     receiver = FileReceiver(str(dst))
