@@ -206,6 +206,12 @@ class _TappedLog(HostEventLog):
         return envs
 
 
+def _intent_first(sim: "Simulator", host: _Host) -> "_IntentFirst":
+    """The wrapper, in a class named as the driver's (a host logs its driver's class)."""
+    cls = type(type(host.driver).__name__, (_IntentFirst,), {})
+    return cls(sim, host)
+
+
 class _IntentFirst:
     """The FakeDriver as the shell sees it: every call first checks that the host's
     durable log holds an open intent of the call's instance (a breach is a violation);
@@ -410,7 +416,7 @@ class Simulator:
         self.note_steps(host, survivors)
         host.observed = host.raw_log.next_offset
         shell = self.shell_class(
-            HostPolicy(name=name, limit=limit), log, _IntentFirst(self, host),
+            HostPolicy(name=name, limit=limit), log, _intent_first(self, host),
             capacity=first.capacity, step_timeout_s=self.cluster.options.step_timeout_s,
             spawn_task=lambda coro, h=host: self._host_task(h, coro),
             snapshot_dir=host.snapshot_dir, snapshot_every=self.cfg.snapshot_every,
