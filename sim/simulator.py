@@ -77,6 +77,8 @@ STUCK_CALLS = (("confirm_migration",), ("revert_migration_dest",),
 PROBE_PREFIX = ".vmresize-probe-"
 SIM_ROOT = "/vmresize-sim"      # where the simulated disks keep a host's files
 HEAL_S = 3600.0              # virtual seconds to settle everything once faults stop
+VIRTUAL_LIMIT_S = 2 * HEAL_S    # a whole run, plus this per operation: stuck beyond it
+VIRTUAL_S_PER_OPERATION = 10.0
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
 
 
@@ -946,8 +948,11 @@ class Simulator:
         loop = VirtualLoop()
         loop.set_exception_handler(self._unhandled)
         problems: list[str] = []
+        limit_s = VIRTUAL_LIMIT_S + VIRTUAL_S_PER_OPERATION * self.cfg.operations
         try:
-            loop.run_until_complete(self._main())
+            loop.run_until_complete(asyncio.wait_for(self._main(), limit_s))
+        except asyncio.TimeoutError:
+            problems.append(f"liveness: the run did not end in {limit_s:.0f} s (virtual)")
         except (Exception, HostCrashed) as exc:
             problems.append(_exception("the simulation raised", exc))
         virtual_s = loop.time()
