@@ -428,6 +428,10 @@ class Simulator:
         # What the shell set going by itself (the simulator peeks at its in-flight map).
         host.resumed = host.found_open & set(shell._inflight)
         self.reached["own_recoveries"] += len(host.resumed)
+        if host.found_open - host.resumed:
+            self.breaches.append(
+                f"recovery: {name} started with open intents it did not resume: "
+                f"{sorted(host.found_open - host.resumed)[:3]}")
         host.shell = shell
 
     def check_acked(self, host: _Host, when: str) -> None:
