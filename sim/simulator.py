@@ -549,8 +549,26 @@ class Simulator:
         asyncio.ensure_future(self._restart(name))
 
     async def _restart(self, name: str) -> None:
-        if self.hosts[name].shell is None:
+        host = self.hosts[name]
+        if host.shell is not None:
+            return
+        try:
             await self.start_host(name)
+        except (OSError, LogFailed, HostCrashed) as exc:
+            # The process died starting (an fsync EIO while its log recovered a torn
+            # tail, say): as a supervisor would, start it again a little later.
+            self.history.append(f"restart of {name} failed: {exc!r}")
+            host.generation += 1
+            for task in list(host.tasks):
+                task.cancel()
+            if host.raw_log is not None:
+                try:
+                    host.raw_log.close()
+                except (OSError, LogFailed):
+                    pass
+            host.disk.crash()
+            asyncio.get_running_loop().call_later(1 + self.rng.random() * 10,
+                                                  self._restart_soon, name)
 
     # ------------------------------------------------------------------ transport
 
@@ -934,6 +952,8 @@ class Simulator:
     def liveness(self) -> list[str]:
         problems = []
         ctl = self.controller
+        if ctl is None:
+            return ["liveness: the controller is down at the end"]
         for mig in ctl.migrations():
             if not mig.final:
                 problems.append(f"liveness: migration {mig.id} stuck in {mig.status}")
