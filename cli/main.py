@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instances", type=int, default=20)
     s.add_argument("--operations", type=int, default=200)
     s.add_argument("--faults", default=",".join(
-        ("crash", "drop", "duplicate", "reorder", "delay", "driver", "power_loss",
-         "torn_write", "disk_full", "io_error", "corrupt_snapshot")))
+        ("crash", "drop", "duplicate", "reorder", "delay", "stale", "driver",
+         "power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")))
     s.add_argument("--no-resend", action="store_true",
                    help="a restarted host finishes its open steps with no resend")
     s.add_argument("--plot", metavar="FILE")

@@ -20,7 +20,10 @@ state directory.
 The oracles, beside the auditor's checks, liveness and the drivers' state: every reply
 the controller received is backed by identical records in that host's log after every
 restart and at the end; every driver call is made while the host's durable log holds an
-open intent of its instance; no driver shrank a disk; no exception escaped. With
+open intent of its instance; no driver shrank a disk; no exception escaped; every stale
+command (fault `stale`: a command of an earlier moment, under a new command id, as a
+controller incarnation that missed its own replacement would send it) is refused,
+logging nothing, since the instance moved past the version it expects. With
 `resend=False` the controller's resends of a command whose intent a restarted host found
 open are not delivered: that host must finish the step by itself.
 
@@ -32,6 +35,7 @@ at one window chosen by its seed, so a sweep of seeds hits every window of every
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import random
@@ -61,7 +65,7 @@ from vmresize.projections.audit import _Checker, audit
 from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Role
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 
-FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "driver",
+FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "stale", "driver",
                "power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")
 WINDOWS = ("after_intent", "after_effect", "after_outcome")
 CRASH_STEPS = tuple(dict.fromkeys(str(r.step) for r in STEPS.values() if r.intent))
@@ -93,6 +97,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     controller_crash_p: float = 0.0003
     drop_p: float = 0.01
     duplicate_p: float = 0.01
+    stale_p: float = 0.02           # per command, an earlier one arrives again, new id
     driver_fail_p: float = 0.01
     driver_hang_p: float = 0.002
     driver_crash_p: float = 0.002
@@ -286,6 +291,8 @@ class Simulator:
         self.aimed_at = [CELLS[(cfg.seed + k * len(CELLS) // 3) % len(CELLS)]
                          for k in range(3)]
         self.sample_every = max(1, cfg.operations // 100)
+        # Commands delivered lately, which the `stale` fault sends again.
+        self.recent: collections.deque = collections.deque(maxlen=64)
 
     # ------------------------------------------------------------------ randomness
 
@@ -596,6 +603,8 @@ class Simulator:
         host.delivered.setdefault(cmd.command_id, host.generation)
         if self.roll("duplicate", self.cfg.duplicate_p):
             self._host_task(host, self._deliver_again(host, cmd))
+        self._maybe_stale(host)
+        self.recent.append((host_name, cmd))
         task = self._host_task(host, shell.handle(cmd))
         try:
             reply = await asyncio.wait_for(asyncio.shield(task), timeout_s)
@@ -654,6 +663,35 @@ class Simulator:
                 await shell.handle(cmd)
             except (HostCrashed, asyncio.CancelledError):
                 pass
+
+    def _maybe_stale(self, host: _Host) -> None:
+        """Now and then one of the commands this host was sent lately arrives again
+        under a new command id, so the host cannot answer it from its log: only the
+        version it expects tells the host it is stale."""
+        if not (self.faults_on and "stale" in self.cfg.faults and self.cfg.stale_p > 0
+                and self.rng.random() < self.cfg.stale_p):
+            return
+        earlier = [cmd for name, cmd in self.recent if name == host.name]
+        if earlier:
+            self._host_task(host, self._deliver_stale(host, self.rng.choice(earlier)))
+
+    async def _deliver_stale(self, host: _Host, cmd: c.Command) -> None:
+        await asyncio.sleep(self._delay() * 3)
+        shell = host.shell
+        inst = shell.state.instances.get(cmd.instance_uuid) if shell is not None else None
+        if inst is None or inst.version <= cmd.instance_version:
+            return      # not stale here (yet): a new command, which no controller sent
+        self.injected["stale"] += 1
+        stale = msgspec.structs.replace(cmd, command_id=cmd.command_id + ":stale")
+        try:
+            reply = await shell.handle(stale)
+        except (HostCrashed, asyncio.CancelledError):
+            return
+        if reply.ok or reply.events:
+            self.breaches.append(
+                f"stale: {host.name} accepted {type(cmd).__name__} {stale.command_id} "
+                f"expecting instance version {cmd.instance_version} while at "
+                f"{inst.version}: {[type(e.event).__name__ for e in reply.events]}")
 
     async def events_since(self, host_name: str, offset: int, timeout_s: float,
                            limit: int | None = None) -> list:

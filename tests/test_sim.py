@@ -224,6 +224,22 @@ def test_a_broken_ledger_rule_is_caught(tmp_path, monkeypatch):
     assert any("no-leak" in v or "ledger-matches" in v for v in result.violation_list)
 
 
+def test_a_host_without_its_version_check_is_caught(tmp_path, monkeypatch):
+    """A stale command (fault `stale`: an earlier command again under a new id) reaches
+    a host that no longer compares versions: it runs it, and the sweep says so."""
+    host_module = importlib.import_module("vmresize.actors.host")
+    monkeypatch.setattr(host_module, "check_version", lambda state, cmd: None)
+    seed, result = _first_seed_with_violations(tmp_path)
+    assert seed is not None, "the missing version check went unnoticed for seeds 0..4"
+    assert any(v.startswith("stale: ") for v in result.violation_list), result.violation_list
+
+
+def test_stale_commands_are_refused_and_counted(tmp_path):
+    results = [simulate(seed, tmp_path / str(seed))[1] for seed in range(3)]
+    assert sum(r.faults["stale"] for r in results) > 0
+    assert all(r.violations == 0 for r in results), [r.violation_list for r in results]
+
+
 shell_module = importlib.import_module("vmresize.actors.shell")
 
 
