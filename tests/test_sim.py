@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = load(ROOT / "cluster.yaml")
 SWEEP = dict(hosts=4, instances=12, operations=60)
 SEEDS = 200
+STUCK_P = 0.3       # hosts with a cleanup driver call that keeps failing: abandoned cleanups
 STORAGE_FAULTS = ("power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")
 
 HEAVY = dict(crash_p=0.02, driver_fail_p=0.05, driver_hang_p=0.01, driver_crash_p=0.01,
@@ -33,12 +34,13 @@ HEAVY = dict(crash_p=0.02, driver_fail_p=0.05, driver_hang_p=0.01, driver_crash_
 
 def command(seed: int, hosts: int, instances: int, operations: int, **extra) -> str:
     return reproduce(SimConfig(seed=seed, hosts=hosts, instances=instances,
-                               operations=operations, **extra))
+                               operations=operations, **{"stuck_p": STUCK_P, **extra}))
 
 
 def simulate(seed: int, tmp: str | Path, cluster=CLUSTER, shell_class=HostShell,
              **options) -> tuple[Simulator, SimResult]:
     sizes = {**SWEEP, **{k: options.pop(k) for k in list(options) if k in SWEEP}}
+    options.setdefault("stuck_p", STUCK_P)
     sim = Simulator(cluster, SimConfig(seed=seed, **sizes, **options),
                     Path(tmp) / "state", shell_class=shell_class)
     result = sim.run()      # never raises: whatever goes wrong is a violation
