@@ -20,7 +20,8 @@ from vmresize.actors.host import Effect, HostPolicy, decide, outcome, probe_name
 from vmresize.drivers.base import DriverError, DriverTimeout, InstanceSpec
 from vmresize.events import schema as ev
 from vmresize.events.codec import decode_host, encode
-from vmresize.events.log import load_snapshot, save_snapshot
+from vmresize.events.disk import OS_DISK
+from vmresize.events.log import DiskFull, load_snapshot, save_snapshot
 from vmresize.events.schema import Envelope
 from vmresize.projections.fold import Projection, apply
 from vmresize.protocol import commands as c
@@ -72,8 +73,9 @@ class HostShell:
                  capacity: ev.Resources, step_timeout_s: float = 60.0,
                  snapshot_dir: str | None = None, snapshot_every: int = 0,
                  sink_factory: Callable[[str], object] | None = None,
-                 spawn_task: Callable = None):
+                 spawn_task: Callable = None, disk=OS_DISK):
         self.name = policy.name
+        self.disk = disk                            # where the snapshots live
         self.policy = policy
         self.log = log
         self.driver = driver
@@ -100,7 +102,7 @@ class HostShell:
         """Fold the log into state; returns how many records were read."""
         start = 0
         if self.snapshot_dir:
-            snap = load_snapshot(self.snapshot_dir)
+            snap = load_snapshot(self.snapshot_dir, disk=self.disk)
             if snap is not None:
                 start, data = snap
                 s = _SNAPSHOT_DECODER.decode(data)
@@ -200,7 +202,11 @@ class HostShell:
             return
         snap = HostSnapshot(self.state, self.commands, self.open_intents)
         offset = self.state.offsets.get(self.name, 0)
-        save_snapshot(self.snapshot_dir, offset, msgspec.msgpack.encode(snap))
+        try:
+            save_snapshot(self.snapshot_dir, offset, msgspec.msgpack.encode(snap),
+                          disk=self.disk)
+        except OSError:
+            return      # a snapshot only saves replay time: the log has it all; next time
         self._since_snapshot = 0
 
     def _reply_from_log(self, command_id: str) -> Reply:
@@ -236,7 +242,11 @@ class HostShell:
             result = decide(self.state, self.policy, cmd)
             if isinstance(result, Rejected):
                 return Reply(command_id=cid, ok=False, reason=result.reason)
-            envs = await self._append(result) if result else []
+            try:
+                envs = await self._append(result) if result else []
+            except DiskFull as exc:     # nothing was kept, so nothing is held: try later
+                return Reply(command_id=cid, ok=False, retryable=True,
+                             reason=f"{self.name} refuses new work: {exc}")
         if envs and type(envs[-1].event) in INTENTS and _opens(envs[-1].event):
             return await self._effect(envs[-1], envs[:-1])
         return _reply(cid, envs)
@@ -265,7 +275,11 @@ class HostShell:
             return Reply(command_id=e.command_id, ok=False, retryable=True,
                          reason=f"{step} on {self.name}: {result.error}",
                          events=(before or []) + [intent])
-        envs = await self._append(events)
+        try:
+            envs = await self._append(events)
+        except DiskFull as exc:     # the intent stays open: the same command runs it again
+            return Reply(command_id=e.command_id, ok=False, retryable=True,
+                         reason=f"{step} on {self.name}: outcome not logged: {exc}")
         return _reply(e.command_id, (before or []) + [intent] + envs, rule.failure)
 
     async def _attempt(self, coro, **fields) -> Effect:

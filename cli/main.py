@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instances", type=int, default=20)
     s.add_argument("--operations", type=int, default=200)
     s.add_argument("--faults", default=",".join(
-        ("crash", "drop", "duplicate", "reorder", "delay", "driver")))
+        ("crash", "drop", "duplicate", "reorder", "delay", "stale", "driver",
+         "power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")))
+    s.add_argument("--no-resend", action="store_true",
+                   help="a restarted host finishes its open steps with no resend")
     s.add_argument("--plot", metavar="FILE")
     p["demo"].add_argument("--keep", action="store_true", help="leave the state dir as is")
     return parser

@@ -43,32 +43,44 @@ def reproduce_command(args, faults) -> str:
     parts = ["vmresize", "simulate", "--seed", str(args.seed), "--hosts", str(args.hosts),
              "--instances", str(args.instances), "--operations", str(args.operations),
              "--faults", ",".join(faults)]
+    if getattr(args, "no_resend", False):
+        parts.append("--no-resend")
     if args.config:
         parts[1:1] = ["--config", args.config]
     return shlex.join(parts)
 
 
 def run_simulate(args, out) -> int:
-    from vmresize.sim.simulator import SimConfig, Simulator
+    from vmresize.sim.simulator import SimConfig, SimResult, Simulator, _exception
     faults = _check_args(args)
     cfg = _config(args, required=False) or default(args.state_dir)
     state = _state_dir_for(args, cfg)
     sim_cfg = SimConfig(seed=args.seed, hosts=args.hosts, instances=args.instances,
-                        operations=args.operations, faults=faults)
+                        operations=args.operations, faults=faults,
+                        resend=not args.no_resend)
+    command = reproduce_command(args, faults)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     console = Console(stderr=True)
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as bar:
-        task = bar.add_task(f"simulate seed {args.seed}", total=args.operations)
-        sim = Simulator(cfg, sim_cfg, state,
-                        progress=lambda done, total: bar.update(task, completed=done))
-        result = sim.run()
-    (state / MARKER).write_text(msgspec.json.encode(sim_cfg).decode())
-    result.command = reproduce_command(args, faults)
+    sim = None
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task(f"simulate seed {args.seed}", total=args.operations)
+            sim = Simulator(cfg, sim_cfg, state,
+                            progress=lambda done, total: bar.update(task, completed=done))
+            result = sim.run()
+        state.mkdir(parents=True, exist_ok=True)
+        (state / MARKER).write_text(msgspec.json.encode(sim_cfg).decode())
+    except Exception as exc:    # a bug of the simulator itself: still a reproducible failure
+        result = SimResult(seed=args.seed, operations=0, resizes_finished=0,
+                           resizes_failed=0, crashes=0, violations=1, digest="",
+                           wall_s=0.0, events=0, faults={},
+                           violation_list=[_exception("the simulator raised", exc)])
+    result.command = command
     _summary(console, result)
-    if args.plot:
+    if args.plot and sim is not None:
         Path(args.plot).write_text(svg_timeline(sim.timeline, result))
         console.print(f"timeline drawn in {args.plot}")
     if out.json:
@@ -88,6 +100,9 @@ def _summary(console, r) -> None:
                 "events_per_s"):
         table.add_row(key, str(getattr(r, key)))
     table.add_row("faults", ", ".join(f"{k} {v}" for k, v in r.faults.items()))
+    hit = [cell for cell, n in r.windows.items() if n]
+    table.add_row("crash windows hit", f"{len(hit)} of {len(r.windows)}")
+    table.add_row("reached", ", ".join(f"{k} {v}" for k, v in r.reached.items()))
     console.print(table)
     for line in r.violation_list:
         console.print(f"[red]{line}[/]")

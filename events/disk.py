@@ -363,6 +363,14 @@ class SimDisk:
                 OsDisk.fsync_dir(out_dir)
         return written
 
+    @_atomic
+    def forget(self) -> None:
+        """Drop every file, directory and lock: the disk is empty again (its files were
+        exported, say, and its memory is wanted back)."""
+        self._dirs.clear()
+        self._locks.clear()
+        self._open.clear()
+
     # -- the Disk interface
 
     @_atomic

@@ -105,10 +105,14 @@ class _Checker:
     findings from `host_findings`, keyed by (host, offset), and puts them where its own
     feed would have."""
 
-    def __init__(self, host_side: bool = True, instance_side: bool = True):
+    def __init__(self, host_side: bool = True, instance_side: bool = True,
+                 end_state: bool = True):
         self.s = FoldState()
         self.host_side = host_side
         self.instance_side = instance_side
+        # False: `finish` is never called (the simulator audits the logs at its end), so
+        # where each migration and allocation last changed is not kept.
+        self.end_state = end_state
         self.violations: list[Violation] = []
         self.host_findings: dict[tuple[str, int], list[Violation]] = {}
         # per instance: its last version, and where its last VERSION_WINDOW versions were
@@ -141,7 +145,7 @@ class _Checker:
             before = self.s.migrations.get(mid)
             old = None if before is None else before.status
             was_final = old in _MAY_BE_FINAL and before.final
-        if self.host_side and t in _LEDGER_EVENTS:
+        if self.host_side and self.end_state and t in _LEDGER_EVENTS:
             self._apply_noting_changes(env, _allocation_keys(
                 e, e.migration_id if t in _MIGRATION_EVENTS else ""))
         else:
@@ -149,11 +153,13 @@ class _Checker:
         if mid:
             self._check_transition(env, before is not None, old, was_final,
                                    self.s.migrations.get(mid))
-            self.mig_last[mid] = (env.host, env.offset)
-        if t is _SPAWN_FAILED or t is _DELETED:
-            self.no_alloc.add(e.instance_uuid)
-        elif t is _SPAWN_STARTED:
-            self.no_alloc.discard(e.instance_uuid)
+            if self.end_state:
+                self.mig_last[mid] = (env.host, env.offset)
+        if self.end_state:
+            if t is _SPAWN_FAILED or t is _DELETED:
+                self.no_alloc.add(e.instance_uuid)
+            elif t is _SPAWN_STARTED:
+                self.no_alloc.discard(e.instance_uuid)
         if t in _LEDGER_EVENTS:
             if self.host_side:
                 self._check_capacity(env)

@@ -25,7 +25,7 @@ from vmresize.events.schema import Envelope, RUNNING, SHUTDOWN
 from vmresize.projections.state import (Instance, Ledger, Migration, claim_key,
                                         instance_key, migration_final, source_key)
 from vmresize.protocol.states import NOSTATE, MigrationStatus, Step, TaskState, VmState
-from vmresize.protocol.table import DEST_STEPS, EVENTS, KEEP, SOURCE_STEPS
+from vmresize.protocol.table import CLEANUP_STEPS, DEST_STEPS, EVENTS, KEEP, SOURCE_STEPS
 
 MIGRATING, PRE_MIGRATING = MigrationStatus.MIGRATING, MigrationStatus.PRE_MIGRATING
 
@@ -168,8 +168,15 @@ def _i_confirmed(i, e, m) -> None:
     i.migration_id = ""
 
 
-def _i_restored(i, e, m) -> None:      # Reverted, SourceRestored
+def _i_restored(i, e, m) -> None:      # Reverted
     _restored(i, m, e.power_state)
+
+
+def _i_source_restored(i, e, m) -> None:
+    """Back on its source after a failure; in error if a cleanup of the migration was
+    abandoned (a copy may be left on the destination: protocol.table CLEANUP_STEPS)."""
+    abandoned = m is not None and m.failed_step in CLEANUP_STEPS
+    _restored(i, m, e.power_state, VmState.ERROR if abandoned else None)
 
 
 def _i_failed(i, e: ev.Failed, m) -> None:
@@ -203,7 +210,7 @@ _INSTANCE_STEPS = {
     ev.Confirmed: _i_confirmed,
     ev.Reverted: _i_restored,
     ev.Failed: _i_failed,
-    ev.SourceRestored: _i_restored,
+    ev.SourceRestored: _i_source_restored,
 }
 
 

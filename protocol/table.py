@@ -169,6 +169,13 @@ DEST_STEPS = frozenset(r.step for r in STEPS.values() if r.role == Role.DEST)
 SOURCE_STEPS = frozenset({Step.MIGRATE} | {r.step for r in STEPS.values()
                                            if r.role == Role.SOURCE})
 
+# Cleanups that cannot be undone: a failure is retried by the controller and finally
+# abandoned (`Failed` naming the step), which may leave disks behind on that host. An
+# instance whose migration had one is in error from then on, wherever it runs (even
+# after its source took it back), and resize, migrate, stop, start and reboot are
+# refused until it is deleted: a later migration must not land on what was left.
+CLEANUP_STEPS = frozenset(r.step for r in STEPS.values() if r.on_failure == "retry")
+
 # Every intent event: open until an event of the same command follows it.
 INTENTS: frozenset[type] = frozenset(r.intent for r in STEPS.values() if r.intent)
 

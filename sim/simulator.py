@@ -8,15 +8,41 @@ the auditor's incremental checks run (capacity, version chains, state machine); 
 end every fault is healed, every migration must reach a final state (liveness), and the
 whole state directory is audited as `vmresize audit` would. Same seed and arguments,
 same history, same `digest`.
+
+Each host's log and snapshots live on its own `SimDisk`: a host crash is a crash of that
+disk (unsynced writes lost, the last one maybe torn), and the restarted host reopens its
+log through the real recovery path. Storage faults: power loss and torn writes (a crash
+inside an append's fsync), a full disk (the host refuses new work until space returns),
+an fsync I/O error (the log stops: the host crashes and restarts), a corrupt snapshot
+(the host rebuilds from its log). At the end every disk is synced and exported to the
+state directory.
+
+The oracles, beside the auditor's checks, liveness and the drivers' state: every reply
+the controller received is backed by identical records in that host's log after every
+restart and at the end; every driver call is made while the host's durable log holds an
+open intent of its instance; no driver shrank a disk; no exception escaped; every stale
+command (fault `stale`: a command of an earlier moment, under a new command id, as a
+controller incarnation that missed its own replacement would send it) is refused,
+logging nothing, since the instance moved past the version it expects. With
+`resend=False` the controller's resends of a command whose intent a restarted host found
+open are not delivered: that host must finish the step by itself.
+
+Crashes are counted per (step, window): right after an intent is appended
+(`after_intent`), after a driver call of the step returned and before its outcome
+(`after_effect`), right after the outcome (`after_outcome`). Each run aims a few crashes
+at one window chosen by its seed, so a sweep of seeds hits every window of every step.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import random
+import shlex
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -29,13 +55,35 @@ from vmresize.actors.controller import (Controller, HostEntry, HostUnavailable,
 from vmresize.actors.host import HostPolicy
 from vmresize.actors.shell import HostEventLog, HostShell
 from vmresize.sim.vclock import VirtualLoop
-from vmresize.drivers.fake import FakeDriver, FakeStorage, FaultPlan, HostCrashed, Latency
+from vmresize.drivers.fake import (Fault, FakeDriver, FakeStorage, FaultPlan, HostCrashed,
+                                   Latency)
+from vmresize.events import schema as ev
 from vmresize.events.codec import encode
-from vmresize.events.log import SegmentLog
+from vmresize.events.disk import SimDisk
+from vmresize.events.log import _HEADER, DiskFull, LogFailed, SegmentLog
 from vmresize.projections.audit import _Checker, audit
-from vmresize.protocol.states import RUNNING, MigrationStatus as MS
+from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Role
+from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 
-FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "driver")
+FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "stale", "driver",
+               "power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")
+WINDOWS = ("after_intent", "after_effect", "after_outcome")
+CRASH_STEPS = tuple(dict.fromkeys(str(r.step) for r in STEPS.values() if r.intent))
+CELLS = tuple(f"{step}/{w}" for step in CRASH_STEPS for w in WINDOWS)
+REACHED = ("compensation", "abandoned", "released_dest", "released_source", "restored",
+           "snapshots_rebuilt", "disk_full_refusals", "own_recoveries",
+           "abandoned_findings")
+# Driver calls that keep failing on a host (each tuple together): cleanups the controller
+# abandons in the end, and a migration whose rollback fails too (the source released).
+STUCK_CALLS = (("confirm_migration",), ("revert_migration_dest",),
+               ("finish_revert_migration",), ("destroy",),
+               ("migrate_disk_and_power_off", "finish_revert_migration"))
+PROBE_PREFIX = ".vmresize-probe-"
+SIM_ROOT = "/vmresize-sim"      # where the simulated disks keep a host's files
+HEAL_S = 3600.0              # virtual seconds to settle everything once faults stop
+VIRTUAL_LIMIT_S = 2 * HEAL_S    # a whole run, plus this per operation: stuck beyond it
+VIRTUAL_S_PER_OPERATION = 10.0
+HISTORY = 1000              # lines of `Simulator.history` kept
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
 
 
@@ -50,10 +98,24 @@ class SimConfig(msgspec.Struct, frozen=True):
     controller_crash_p: float = 0.0003
     drop_p: float = 0.01
     duplicate_p: float = 0.01
+    stale_p: float = 0.02           # per command, an earlier one arrives again, new id
     driver_fail_p: float = 0.01
     driver_hang_p: float = 0.002
     driver_crash_p: float = 0.002
+    power_loss_p: float = 0.001     # per fsync of a log segment, a power cut inside it
+    torn_write_p: float = 0.001
+    disk_full_p: float = 0.002      # per append, the disk fills up for a few seconds
+    io_error_p: float = 0.001       # per append, its fsync fails with EIO
+    corrupt_snapshot_p: float = 0.5     # per host crash, its newest snapshot is damaged
+    aimed_crash_p: float = 0.8      # a crash in a window this seed aims at (twice at most)
+    # Per host, one cleanup driver call fails many times: the controller abandons it and
+    # the audit reports what it left (the test sweeps set 0.3). Off by default, so that
+    # the logs of a plain `vmresize simulate` pass `vmresize audit`.
+    stuck_p: float = 0.0
+    stuck_calls: int = 12           # ... in a row: more than the controller's attempts
+    snapshot_every: int = 48        # a host snapshots after this many events
     shared_pairs: bool = True       # odd hosts share storage with the next one
+    resend: bool = True             # False: no resend reaches a restarted host's open intent
 
 
 class SimResult(msgspec.Struct):
@@ -72,23 +134,59 @@ class SimResult(msgspec.Struct):
     events_per_s: float = 0.0
     violation_list: list[str] = []
     command: str = ""
+    windows: dict[str, int] = {}    # host crashes per "step/window" (CELLS)
+    reached: dict[str, int] = {}    # how often each path of REACHED was taken
+    aimed_at: list[str] = []        # the windows this seed aimed crashes at
+
+
+def reproduce(cfg: SimConfig) -> str:
+    """The command line that runs `cfg` again (SimConfig fields the CLI has no option
+    for are shown after it as a comment)."""
+    parts = ["vmresize", "simulate", "--seed", str(cfg.seed), "--hosts", str(cfg.hosts),
+             "--instances", str(cfg.instances), "--operations", str(cfg.operations),
+             "--faults", ",".join(cfg.faults)]
+    if not cfg.resend:
+        parts.append("--no-resend")
+    line = shlex.join(parts)
+    defaults = SimConfig(seed=cfg.seed)
+    extra = {f: getattr(cfg, f) for f in cfg.__struct_fields__
+             if f not in ("seed", "hosts", "instances", "operations", "faults", "resend")
+             and getattr(cfg, f) != getattr(defaults, f)}
+    return line + (f"   # SimConfig options: {extra}" if extra else "")
 
 
 class _Host:
-    """One simulated compute host: its log and driver survive crashes, its shell not."""
+    """One simulated compute host: its disk and driver survive crashes; its log (opened
+    again from the disk), its shell and its tasks do not."""
 
-    def __init__(self, name: str, raw_log, driver: FakeDriver):
+    def __init__(self, name: str, disk: SimDisk, driver: FakeDriver):
         self.name = name
-        self.raw_log = raw_log
+        self.disk = disk
+        self.base = f"{SIM_ROOT}/{name}"
+        self.log_dir = f"{self.base}/hosts/{name}/log"
+        self.snapshot_dir = f"{self.base}/hosts/{name}/snapshots"
+        self.raw_log: SegmentLog | None = None
         self.driver = driver
         self.shell: HostShell | None = None
         self.tasks: dict[asyncio.Future, None] = {}    # insertion order: deterministic
         self.generation = 0
+        self.steps: dict[str, str] = {}     # command id -> step of its intent
+        # offset -> digest of the record the controller was told of (8 bytes, not the
+        # record: this grows with the history)
+        self.acked: dict[int, bytes] = {}
+        self.delivered: dict[str, int] = {}     # command id -> generation it reached
+        self.found_open: set[str] = set()   # intents open when this incarnation started
+        self.resumed: set[str] = set()      # ... that it resumed by itself
+        self.full_until = -1.0
+        self.durable_pos = 0                # records of the durable log counted so far
+        self.durable_count = 0
+        self.durable_seg = ""
+        self.observed = 0                   # records of the log the checks have seen
 
 
 class _TappedLog(HostEventLog):
     """A host's log that reports every append to the simulator (checks, digest, crash
-    points between events)."""
+    points between events) and injects the disk faults of appends."""
 
     def __init__(self, sim: "Simulator", host: _Host, raw, clock):
         super().__init__(raw, host.name, clock)
@@ -97,15 +195,67 @@ class _TappedLog(HostEventLog):
         self.generation = host.generation
 
     async def append(self, events: list):
-        if self.generation != self.sim_host.generation:
+        sim, host = self.sim, self.sim_host
+        if self.generation != host.generation:
             raise HostCrashed()     # a task of a crashed incarnation: never append
-        envs = await super().append(events)
-        self.sim.observe(envs)
+        serving = host.shell is not None
+        if serving:
+            sim.disk_faults(host)
+        try:
+            envs = await super().append(events)
+        except LogFailed:           # fail-stop: the host stops acknowledging and restarts
+            sim.crash_host(host.name, "io_error")
+            raise HostCrashed() from None
+        except DiskFull:
+            sim.reached["disk_full_refusals"] += 1
+            raise
+        sim.observe(envs)
+        host.observed = envs[-1].offset + 1 if envs else host.observed
+        window = sim.note_steps(host, envs)
         # No crash while the host is still starting (its shell is not serving yet).
-        if self.sim_host.shell is not None and self.sim.roll("crash", self.sim.cfg.crash_p):
-            self.sim.crash_host(self.sim_host.name)
+        if serving and sim.crash_roll(window):
+            sim.crash_host(host.name, "crash", window)
             raise HostCrashed()
         return envs
+
+
+def _intent_first(sim: "Simulator", host: _Host) -> "_IntentFirst":
+    """The wrapper, in a class named as the driver's (a host logs its driver's class)."""
+    cls = type(type(host.driver).__name__, (_IntentFirst,), {})
+    return cls(sim, host)
+
+
+class _IntentFirst:
+    """The FakeDriver as the shell sees it: every call first checks that the host's
+    durable log holds an open intent of the call's instance (a breach is a violation);
+    after a call, the host may crash before the step's outcome is logged."""
+
+    ASYNC = ("spawn", "power_on", "power_off", "reboot", "create_probe", "probe_exists",
+             "remove_probe", "migrate_disk_and_power_off", "finish_migration",
+             "confirm_migration", "revert_migration_dest", "finish_revert_migration",
+             "destroy", "disk_info")
+
+    def __init__(self, sim: "Simulator", host: _Host):
+        self._sim, self._host = sim, host
+
+    def __getattr__(self, name):
+        attr = getattr(self._host.driver, name)
+        if name not in self.ASYNC:
+            return attr
+
+        def call(*args, **kw):
+            step = self._sim.check_intent(self._host, name, args[0] if args else "")
+            return self._after(attr(*args, **kw), step)
+        return call
+
+    async def _after(self, coro, step: str):
+        try:
+            return await coro
+        finally:
+            sim, host = self._sim, self._host
+            if step and host.shell is not None and sim.crash_roll(f"{step}/after_effect"):
+                sim.crash_host(host.name, "crash", f"{step}/after_effect")
+                raise HostCrashed()
 
 
 class Simulator:
@@ -122,7 +272,9 @@ class Simulator:
         self.faults_on = True
         self.injected: dict[str, int] = {k: 0 for k in FAULT_KINDS}
         self.hash = hashlib.sha256()
-        self.checker = _Checker()
+        # Its end-state checks are the final audit's (of the logs): it keeps none of
+        # their bookkeeping.
+        self.checker = _Checker(end_state=False)
         self.events = 0
         self.hosts: dict[str, _Host] = {}
         self.controller: Controller | None = None
@@ -133,10 +285,23 @@ class Simulator:
         self.finished = 0
         self.failed = 0
         self.crashes = 0
-        self.history: list[str] = []
+        # What happened lately (crashes, refusals), for a person debugging a seed.
+        self.history: collections.deque[str] = collections.deque(maxlen=HISTORY)
         self.timeline: list[tuple[float, int, float]] = []
         self.unexpected: list[str] = []
+        self.breaches: list[str] = []       # what the oracles found as it happened
+        # Instances and migrations with an abandoned cleanup: what it leaves behind is
+        # for an operator, and findings about them are expected, not violations.
+        self.abandoned_ids: set[str] = set()
+        self.windows: dict[str, int] = {cell: 0 for cell in CELLS}
+        self.reached: dict[str, int] = {k: 0 for k in REACHED}
+        # Three windows a third of the table apart: a sweep of N seeds aims at each
+        # window about 3 N / len(CELLS) times.
+        self.aimed_at = [CELLS[(cfg.seed + k * len(CELLS) // 3) % len(CELLS)]
+                         for k in range(3)]
         self.sample_every = max(1, cfg.operations // 100)
+        # Commands delivered lately, which the `stale` fault sends again.
+        self.recent: collections.deque = collections.deque(maxlen=64)
 
     # ------------------------------------------------------------------ randomness
 
@@ -147,6 +312,13 @@ class Simulator:
             self.injected[kind] += 1
             return True
         return False
+
+    def crash_roll(self, window: str) -> bool:
+        """A host crash right here? Likelier in the window this seed aims at."""
+        if window in self.aimed_at and self.windows[window] < 2 \
+                and self.roll("crash", self.cfg.aimed_crash_p):
+            return True
+        return self.roll("crash", self.cfg.crash_p)
 
     def new_id(self) -> str:
         h = f"{self.rng.getrandbits(128):032x}"
@@ -164,6 +336,33 @@ class Simulator:
             self.events += 1
             if self.events % self.sample_every == 0:
                 self._sample(env.wall_time - EPOCH)
+
+    def note_steps(self, host: _Host, envs) -> str:
+        """Keep track of which step each open intent belongs to; return the crash window
+        the host is in right after these events ("" if none)."""
+        window = ""
+        for env in envs:
+            e = env.event
+            kind = type(e)
+            if kind is ev.ReleaseStarted or kind is ev.RestoreStarted:
+                self.reached["compensation"] += 1
+            elif kind is ev.ClaimReleased:
+                self.reached["released_source" if e.role == Role.SOURCE
+                             else "released_dest"] += 1
+            elif kind is ev.SourceRestored:
+                self.reached["restored"] += 1
+            if getattr(e, "closes", ""):
+                self.reached["abandoned"] += 1
+                self.abandoned_ids.update(
+                    i for i in (e.instance_uuid, getattr(e, "migration_id", "")) if i)
+            cid = e.command_id
+            closed = host.steps.pop(getattr(e, "closes", "") or cid, None)
+            if kind in INTENTS and (kind is not ev.Claimed or e.probe_pending):
+                host.steps[cid] = window_step = str(STEP_OF_INTENT[kind].step)
+                window = f"{window_step}/after_intent"
+            elif closed is not None:
+                window = f"{closed}/after_outcome"
+        return window
 
     def _sample(self, t: float) -> None:
         """One point of the timeline `--plot` draws: open migrations, memory used."""
@@ -184,23 +383,31 @@ class Simulator:
         storage = None
         for i in range(1, self.cfg.hosts + 1):
             name = f"sim-{i}"
-            raw = SegmentLog(self.state_dir / "hosts" / name / "log", fsync=False)
+            disk = SimDisk(random.Random(self.rng.getrandbits(32)))
             if not (self.cfg.shared_pairs and i % 2 == 0 and storage is not None):
                 storage = FakeStorage()     # odd hosts start a pool, even ones share it
             plan = FaultPlan(seed=self.rng.getrandbits(32))
             if "driver" in self.cfg.faults:
                 plan.fail_p = self.cfg.driver_fail_p
                 plan.hang_p = self.cfg.driver_hang_p
+                if self.rng.random() < self.cfg.stuck_p:
+                    # A cleanup that keeps failing: the controller ends up abandoning it.
+                    methods = self.rng.choice(STUCK_CALLS)
+                    first_call = self.rng.randint(1, 3)
+                    plan.exact = [Fault(method, "fail", call=first_call + i)
+                                  for method in methods
+                                  for i in range(self.cfg.stuck_calls)]
             if "crash" in self.cfg.faults:
                 plan.crash_p = self.cfg.driver_crash_p
             driver = FakeDriver(name, first.capacity, storage=storage, faults=plan,
                                 latency=Latency(0.05, 0.2),
                                 on_crash=lambda n=name: self._driver_crash(n),
                                 rng=random.Random(self.rng.getrandbits(32)))
-            self.hosts[name] = _Host(name, raw, driver)
+            self.hosts[name] = host = _Host(name, disk, driver)
+            disk.on_fsync = lambda path, h=host: self._in_fsync(h, path)
 
     def _driver_crash(self, name: str) -> None:
-        self.crash_host(name)
+        self.crash_host(name, "driver crash")
         raise HostCrashed()
 
     def _host_task(self, host: _Host, coro):
@@ -210,37 +417,174 @@ class Simulator:
         return task
 
     async def start_host(self, name: str) -> None:
+        """Open the host's log from its disk (the real recovery path: a torn tail is
+        cut), check that it still backs every reply the controller got, start a shell."""
         host = self.hosts[name]
         first, limit = self._policy()
+        host.raw_log = SegmentLog(host.log_dir, disk=host.disk, fsync=True)
+        host.durable_pos = host.durable_count = 0
+        host.durable_seg = ""
+        self.check_acked(host, "after a restart" if host.generation else "at start")
         log = _TappedLog(self, host, host.raw_log, self.clock)
+        # Records an append wrote but a crash cut short of acknowledging may survive it:
+        # they are in the log, so the checks and the digest see them now.
+        host.observed = min(host.observed, host.raw_log.next_offset)
+        survivors = list(log.replay(host.observed))
+        self.observe(survivors)
+        self.note_steps(host, survivors)
+        host.observed = host.raw_log.next_offset
         shell = self.shell_class(
-            HostPolicy(name=name, limit=limit), log, host.driver, capacity=first.capacity,
-            step_timeout_s=self.cluster.options.step_timeout_s,
-            spawn_task=lambda coro, h=host: self._host_task(h, coro))
+            HostPolicy(name=name, limit=limit), log, _intent_first(self, host),
+            capacity=first.capacity, step_timeout_s=self.cluster.options.step_timeout_s,
+            spawn_task=lambda coro, h=host: self._host_task(h, coro),
+            snapshot_dir=host.snapshot_dir, snapshot_every=self.cfg.snapshot_every,
+            disk=host.disk)
         await shell.start()
+        host.found_open = set(shell.open_intents)
+        # What the shell set going by itself (the simulator peeks at its in-flight map).
+        host.resumed = host.found_open & set(shell._inflight)
+        self.reached["own_recoveries"] += len(host.resumed)
+        if host.found_open - host.resumed:
+            self.breaches.append(
+                f"recovery: {name} started with open intents it did not resume: "
+                f"{sorted(host.found_open - host.resumed)[:3]}")
         host.shell = shell
 
-    def crash_host(self, name: str) -> None:
+    def check_acked(self, host: _Host, when: str) -> None:
+        """The oracle of durability: every envelope the controller was given by this
+        host is in the host's log, byte for byte."""
+        if not host.acked:
+            return
+        records = dict(host.raw_log.read(min(host.acked)))
+        for offset, digest in sorted(host.acked.items()):
+            got = records.get(offset)
+            if got is None or _digest(got) != digest:
+                self.breaches.append(
+                    f"durability: {host.name} offset {offset}, which the controller was "
+                    f"told of, is {'gone' if got is None else 'different'} {when}")
+                return
+
+    def _in_fsync(self, host: _Host, path: str) -> None:
+        """A power cut inside the fsync of an append: its write may be lost or torn."""
+        if host.shell is None or not path.endswith(".seg"):
+            return
+        if self.roll("power_loss", self.cfg.power_loss_p):
+            self.crash_host(host.name, "power_loss")
+            raise HostCrashed()
+        if self.roll("torn_write", self.cfg.torn_write_p):
+            self.crash_host(host.name, "torn_write")
+            raise HostCrashed()
+
+    def disk_faults(self, host: _Host) -> None:
+        """Before an append: the disk may fill up for a while, or the fsync fail."""
+        loop = asyncio.get_running_loop()
+        if host.full_until < loop.time() and self.roll("disk_full", self.cfg.disk_full_p):
+            host.disk.set_free_bytes(0)
+            host.full_until = loop.time() + 1 + self.rng.random() * 9
+            loop.call_later(host.full_until - loop.time(), host.disk.set_free_bytes, None)
+        if self.roll("io_error", self.cfg.io_error_p):
+            host.disk.fail_fsync(1)
+
+    def durable_next(self, host: _Host) -> int:
+        """The offset after the last record a power cut now would leave in the log."""
+        disk = host.disk
+        segs = sorted(n for n in disk.list_dir(host.log_dir) if n.endswith(".seg"))
+        if not segs:
+            return 0
+        seg = segs[-1]
+        if seg != host.durable_seg:
+            host.durable_seg, host.durable_pos, host.durable_count = seg, 0, 0
+        data = disk.durable_bytes(f"{host.log_dir}/{seg}")
+        pos, count = host.durable_pos, host.durable_count
+        while pos + _HEADER.size <= len(data):
+            size, _ = _HEADER.unpack_from(data, pos)
+            if pos + _HEADER.size + size > len(data):
+                break
+            pos += _HEADER.size + size
+            count += 1
+        host.durable_pos, host.durable_count = pos, count
+        return int(seg[:20]) + count
+
+    def check_intent(self, host: _Host, method: str, arg) -> str:
+        """The driver oracle: `method` is called while the host's durable log holds an
+        open intent of the instance it is about. Returns that intent's step."""
+        shell = host.shell
+        if shell is None:
+            return ""
+        uuid = getattr(arg, "uuid", arg)
+        if isinstance(uuid, str) and uuid.startswith(PROBE_PREFIX):
+            mig = shell.state.migrations.get(uuid.removeprefix(PROBE_PREFIX))
+            uuid = mig.instance_uuid if mig is not None else uuid
+        cid = shell.busy.get(uuid)
+        offset = shell.open_intents.get(cid) if cid else None
+        if offset is None or offset >= self.durable_next(host):
+            self.breaches.append(
+                f"intent-first: {host.name}.{method}({uuid}) called while the durable "
+                f"log holds no open intent of it"
+                + ("" if offset is None else f" (intent at {offset} not synced)"))
+            return ""
+        return host.steps.get(cid, "")
+
+    def crash_host(self, name: str, kind: str = "crash", window: str = "") -> None:
+        """The host's process dies and its disk loses what was not synced (a power loss
+        keeps none of it; other crashes a random prefix, the last write maybe torn)."""
         host = self.hosts[name]
         if host.shell is None:
             return
         self.crashes += 1
-        self.history.append(f"crash {name}")
+        if window:
+            self.windows[window] += 1
+        self.history.append(f"crash {name} ({kind}{' ' + window if window else ''})")
         host.shell = None
         host.generation += 1
         current = asyncio.current_task()
         for task in list(host.tasks):
             if task is not current:
                 task.cancel()
+        if kind == "power_loss":
+            host.disk.crash(keep_bytes=0, keep_changes=0)
+        else:
+            host.disk.crash()
+        host.disk.set_free_bytes(None)
+        host.full_until = -1.0
+        self._maybe_corrupt_snapshot(host)
         delay = 1 + self.rng.random() * 10
         asyncio.get_running_loop().call_later(delay, self._restart_soon, name)
+
+    def _maybe_corrupt_snapshot(self, host: _Host) -> None:
+        try:
+            snaps = sorted(n for n in host.disk.list_dir(host.snapshot_dir)
+                           if n.endswith(".snap"))
+        except FileNotFoundError:
+            return
+        if snaps and self.roll("corrupt_snapshot", self.cfg.corrupt_snapshot_p):
+            host.disk.corrupt(f"{host.snapshot_dir}/{snaps[-1]}")
+            self.reached["snapshots_rebuilt"] += 1
 
     def _restart_soon(self, name: str) -> None:
         asyncio.ensure_future(self._restart(name))
 
     async def _restart(self, name: str) -> None:
-        if self.hosts[name].shell is None:
+        host = self.hosts[name]
+        if host.shell is not None:
+            return
+        try:
             await self.start_host(name)
+        except (OSError, LogFailed, HostCrashed) as exc:
+            # The process died starting (an fsync EIO while its log recovered a torn
+            # tail, say): as a supervisor would, start it again a little later.
+            self.history.append(f"restart of {name} failed: {exc!r}")
+            host.generation += 1
+            for task in list(host.tasks):
+                task.cancel()
+            if host.raw_log is not None:
+                try:
+                    host.raw_log.close()
+                except (OSError, LogFailed):
+                    pass
+            host.disk.crash()
+            asyncio.get_running_loop().call_later(1 + self.rng.random() * 10,
+                                                  self._restart_soon, name)
 
     # ------------------------------------------------------------------ transport
 
@@ -263,8 +607,13 @@ class Simulator:
         if shell is None:
             await asyncio.sleep(0.5)
             raise HostUnavailable(f"{host_name} is down")
+        if not self._deliverable(host, cmd.command_id):
+            return await self._own_outcome(host, cmd.command_id, timeout_s)
+        host.delivered.setdefault(cmd.command_id, host.generation)
         if self.roll("duplicate", self.cfg.duplicate_p):
             self._host_task(host, self._deliver_again(host, cmd))
+        self._maybe_stale(host)
+        self.recent.append((host_name, cmd))
         task = self._host_task(host, shell.handle(cmd))
         try:
             reply = await asyncio.wait_for(asyncio.shield(task), timeout_s)
@@ -276,20 +625,82 @@ class Simulator:
             if task.cancelled() and asyncio.current_task().cancelling() == 0:
                 raise HostUnavailable(f"{host_name} crashed") from None
             raise
+        return await self._reply(host, reply, timeout_s)
+
+    async def _reply(self, host: _Host, reply, timeout_s: float):
         if self.roll("drop", self.cfg.drop_p):
             await asyncio.sleep(timeout_s)
-            raise HostUnavailable(f"{host_name}: reply lost")
+            raise HostUnavailable(f"{host.name}: reply lost")
         await asyncio.sleep(self._delay())
+        self._acknowledged(host, reply.events)
         return reply
+
+    def _acknowledged(self, host: _Host, envs) -> None:
+        for env in envs:
+            host.acked[env.offset] = _digest(encode(env))
+
+    def _deliverable(self, host: _Host, cid: str) -> bool:
+        """With `resend` off, a command whose intent this incarnation of the host found
+        open at start-up reaches it again only once the host tried to finish it by
+        itself and left it open (a cleanup step whose driver failed)."""
+        if self.cfg.resend or cid not in host.found_open:
+            return True
+        return cid in host.resumed and cid not in host.shell._inflight \
+            and cid in host.shell.open_intents
+
+    async def _own_outcome(self, host: _Host, cid: str, timeout_s: float):
+        """Wait, like a controller reading the host's events, for the outcome the host
+        logs by itself; answer as the host would from its log."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            shell = host.shell
+            if shell is None:
+                raise HostUnavailable(f"{host.name} is down")
+            if cid not in shell.open_intents and cid in shell.commands:
+                return await self._reply(host, shell._reply_from_log(cid), timeout_s)
+            if self._deliverable(host, cid):
+                raise HostUnavailable(f"{host.name}: its own recovery of {cid} failed")
+            if asyncio.get_running_loop().time() >= deadline:
+                raise HostUnavailable(f"{host.name}: no outcome of {cid} in {timeout_s} s")
+            await asyncio.sleep(0.5)
 
     async def _deliver_again(self, host: _Host, cmd: c.Command) -> None:
         await asyncio.sleep(self._delay() * 3)
         shell = host.shell
-        if shell is not None:
+        if shell is not None and self._deliverable(host, cmd.command_id):
             try:
                 await shell.handle(cmd)
             except (HostCrashed, asyncio.CancelledError):
                 pass
+
+    def _maybe_stale(self, host: _Host) -> None:
+        """Now and then one of the commands this host was sent lately arrives again
+        under a new command id, so the host cannot answer it from its log: only the
+        version it expects tells the host it is stale."""
+        if not (self.faults_on and "stale" in self.cfg.faults and self.cfg.stale_p > 0
+                and self.rng.random() < self.cfg.stale_p):
+            return
+        earlier = [cmd for name, cmd in self.recent if name == host.name]
+        if earlier:
+            self._host_task(host, self._deliver_stale(host, self.rng.choice(earlier)))
+
+    async def _deliver_stale(self, host: _Host, cmd: c.Command) -> None:
+        await asyncio.sleep(self._delay() * 3)
+        shell = host.shell
+        inst = shell.state.instances.get(cmd.instance_uuid) if shell is not None else None
+        if inst is None or inst.version <= cmd.instance_version:
+            return      # not stale here (yet): a new command, which no controller sent
+        self.injected["stale"] += 1
+        stale = msgspec.structs.replace(cmd, command_id=cmd.command_id + ":stale")
+        try:
+            reply = await shell.handle(stale)
+        except (HostCrashed, asyncio.CancelledError):
+            return
+        if reply.ok or reply.events:
+            self.breaches.append(
+                f"stale: {host.name} accepted {type(cmd).__name__} {stale.command_id} "
+                f"expecting instance version {cmd.instance_version} while at "
+                f"{inst.version}: {[type(e.event).__name__ for e in reply.events]}")
 
     async def events_since(self, host_name: str, offset: int, timeout_s: float,
                            limit: int | None = None) -> list:
@@ -298,7 +709,9 @@ class Simulator:
         if host.shell is None:
             await asyncio.sleep(0.5)
             raise HostUnavailable(f"{host_name} is down")
-        return list(itertools.islice(host.shell.log.replay(offset), limit))
+        envs = list(itertools.islice(host.shell.log.replay(offset), limit))
+        self._acknowledged(host, envs)
+        return envs
 
     # ------------------------------------------------------------------ controller
 
@@ -516,6 +929,13 @@ class Simulator:
         for name, host in self.hosts.items():
             if host.shell is None:
                 await self.start_host(name)
+        try:
+            await asyncio.wait_for(self._settle(), HEAL_S)
+        except asyncio.TimeoutError:
+            self.breaches.append(f"liveness: requests still running {HEAL_S:.0f} s "
+                                 f"(virtual) after every fault was healed")
+
+    async def _settle(self) -> None:
         if self.controller is None:
             await self.controller_ready.wait()
         ctl = self.controller
@@ -573,11 +993,14 @@ class Simulator:
             inj = host.driver.injected
             counts["driver"] += inj.get("fail", 0) + inj.get("hang", 0)
             counts["crash"] += inj.get("crash", 0)
-        return counts
+        return {k: counts[k] for k in self.cfg.faults} | {
+            k: v for k, v in counts.items() if v}
 
     def liveness(self) -> list[str]:
         problems = []
         ctl = self.controller
+        if ctl is None:
+            return ["liveness: the controller is down at the end"]
         for mig in ctl.migrations():
             if not mig.final:
                 problems.append(f"liveness: migration {mig.id} stuck in {mig.status}")
@@ -588,27 +1011,40 @@ class Simulator:
         return problems
 
     def run(self) -> SimResult:
+        """Run the simulation; whatever goes wrong in it is a violation in the result
+        (with the command that reproduces it), never an exception."""
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         started = time.perf_counter()
         loop = VirtualLoop()
         loop.set_exception_handler(self._unhandled)
+        problems: list[str] = []
+        limit_s = VIRTUAL_LIMIT_S + VIRTUAL_S_PER_OPERATION * self.cfg.operations
         try:
-            loop.run_until_complete(self._main())
-            virtual_s = loop.time()
+            loop.run_until_complete(asyncio.wait_for(self._main(), limit_s))
+        except asyncio.TimeoutError:
+            problems.append(f"liveness: the run did not end in {limit_s:.0f} s (virtual)")
+        except (Exception, HostCrashed) as exc:
+            problems.append(_exception("the simulation raised", exc))
+        virtual_s = loop.time()
+        try:
+            self._cancel_all(loop)
         finally:
             loop.close()
-        for host in self.hosts.values():
-            host.raw_log.close()
-        self.controller_log.close()
-        problems = [f"{v.invariant} at {v.host}:{v.offset}: {v.message}"
-                    for v in self.checker.violations]
+        problems += self._close_and_export()
+        problems += [f"{v.invariant} at {v.host}:{v.offset}: {v.message}"
+                     for v in self.checker.violations]
         problems += self.unexpected
-        problems += self.liveness()
-        problems += self.driver_mismatches()
-        report = audit(self.state_dir)
-        problems += [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
-                     for v in report.violations]
+        problems += self.breaches
+        for check in (self.liveness, self.driver_mismatches, self.data_loss,
+                      self._audit):
+            try:
+                found = check()
+                if check in (self.driver_mismatches, self._audit):
+                    found = self._excuse_abandoned(found)
+                problems += found
+            except Exception as exc:
+                problems.append(_exception(f"{check.__name__} raised", exc))
         wall_s = time.perf_counter() - started
         return SimResult(
             seed=self.cfg.seed, operations=self.done_ops, resizes_finished=self.finished,
@@ -617,4 +1053,62 @@ class Simulator:
             faults=self.fault_counts(), virtual_s=round(virtual_s, 3),
             resizes_per_s=round(self.finished / wall_s, 1) if wall_s else 0.0,
             events_per_s=round(self.events / wall_s, 1) if wall_s else 0.0,
-            violation_list=problems[:50])
+            violation_list=problems[:50], command=reproduce(self.cfg),
+            windows=dict(self.windows), reached=dict(self.reached),
+            aimed_at=list(self.aimed_at))
+
+    @staticmethod
+    def _cancel_all(loop) -> None:
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+    def _close_and_export(self) -> list[str]:
+        """Check every log against the replies once more, close it, sync each disk once
+        and write its files into the state directory, where `vmresize audit` reads them."""
+        problems = []
+        for host in self.hosts.values():
+            try:
+                if host.raw_log is not None:
+                    self.check_acked(host, "at the end")
+                    host.raw_log.close()
+            except Exception as exc:
+                problems.append(_exception(f"closing {host.name}'s log raised", exc))
+            host.disk.sync_all()
+            # No fsync of the exported files: the audit reads them right away.
+            host.disk.export(self.state_dir, under=host.base, fsync=False)
+            host.disk.forget()      # the files are exported: the audit reads them there
+        if getattr(self, "controller_log", None) is not None:
+            self.controller_log.close()
+        return problems
+
+    def _excuse_abandoned(self, found: list[str]) -> list[str]:
+        """Findings about an instance with an abandoned cleanup, or any migration of it
+        (a later resize of it may trip over what the cleanup left), are expected."""
+        ids = self.abandoned_ids | {mid for mid, m in self.checker.p.migrations.items()
+                                    if m.instance_uuid in self.abandoned_ids}
+        kept = [p for p in found if not any(i in p for i in ids)]
+        self.reached["abandoned_findings"] += len(found) - len(kept)
+        return kept
+
+    def data_loss(self) -> list[str]:
+        return [f"data loss: {name}: {what}" for name, host in self.hosts.items()
+                for what in host.driver.data_loss]
+
+    def _audit(self) -> list[str]:
+        report = audit(self.state_dir)
+        return [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
+                for v in report.violations]
+
+
+def _digest(record) -> bytes:
+    return hashlib.blake2b(record, digest_size=8).digest()
+
+
+def _exception(what: str, exc: BaseException) -> str:
+    """One line: the exception and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"exception: {what}: {type(exc).__name__}: {exc}{where}"

@@ -134,6 +134,9 @@ def run_simulation(state_dir, seed: int, hosts: int = 3, instances: int = 4,
                    operations: int = 10, **sim_options):
     """Run the simulator into `state_dir` and return its result."""
     from vmresize.sim.simulator import SimConfig, Simulator
+    # No cleanup driver stuck for good: an abandoned cleanup leaves behind what the
+    # auditor must report, and these histories are meant to be clean.
+    sim_options.setdefault("stuck_p", 0.0)
     cfg = SimConfig(seed=seed, hosts=hosts, instances=instances, operations=operations,
                     **sim_options)
     return Simulator(cluster(), cfg, Path(state_dir) / "state").run()

@@ -565,6 +565,35 @@ async def test_failed_finish_whose_rollback_fails_leaves_no_disk_copy():
 
 
 @virtual
+async def test_an_abandoned_revert_leaves_the_instance_in_error_and_refuses_a_resize():
+    """The destination's revert cleanup fails every try and is abandoned: the source
+    takes the instance back, but the destination may still hold a copy of it, so the
+    instance is in error and a new resize or migration (which could land on that copy)
+    is refused with its state named, without a command reaching any host."""
+    fails = [Fault("revert_migration_dest", "fail", call=n) for n in range(1, 4)]
+    rig = Rig(**four_hosts(faults={"h2": fails}, cleanup_attempts=3))
+    ctl = await rig.start()
+    inst = await ctl.boot("vm1", "m1.tiny", host="h1")
+    mig = await ctl.resize("vm1", "m1.small", host="h2")
+    with pytest.raises(OperationError):
+        await ctl.revert("vm1")
+    failed = [env.event for env in rig.logs()["h2"] if isinstance(env.event, ev.Failed)]
+    assert [(f.step, f.closes) for f in failed] == [("revert", f"{mig.id}:revert")]
+    now = ctl.instance_by_name("vm1")
+    assert (now.host, now.flavor.name, now.vm_state) == ("h1", "m1.tiny", "error")
+    assert rig.view().instances[inst.uuid].vm_state == "error"     # what the logs say
+    assert inst.uuid in rig.drivers["h2"].storage.dirs       # the copy left behind
+    calls = rig.transport.calls
+    for flavor, host in (("m1.small", "h2"), (None, "h2"), (None, None)):
+        with pytest.raises(OperationError, match="while it is error"):
+            await ctl.resize("vm1", flavor, host=host)
+    assert rig.transport.calls == calls
+    assert rig.drivers["h2"].data_loss == []
+    await ctl.act("vm1", "delete")                  # what an operator can still do
+    assert rig.view().instances[inst.uuid].deleted
+
+
+@virtual
 async def test_shared_storage_is_found_by_the_probe():
     rig = Rig(**four_hosts(shared=[("h1", "h2")]))
     ctl = await rig.start()

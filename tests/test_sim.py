@@ -1,7 +1,9 @@
 """The deterministic simulator: a seed sweep with every fault kind must find nothing
-wrong, the same seed must give the same history, and a broken rule must be caught.
+wrong, must hit every crash window of every step and the compensation paths, the same
+seed must give the same history, and a broken rule must be caught.
 
-Every failure names its seed and the command line that reproduces it.
+Every failure names its seed and the command line that reproduces it; every sweep checks
+every seed it was asked to (a simulation that raises is a violation, never a skip).
 """
 from __future__ import annotations
 
@@ -11,81 +13,101 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vmresize.protocol import commands as c
 from vmresize.config import load
 from vmresize.actors.host import Effect
 from vmresize.actors.shell import HostShell
 from vmresize.protocol import commands as c
-from vmresize.sim.simulator import FAULT_KINDS, SimConfig, Simulator
-from vmresize.drivers.fake import HostCrashed
+from vmresize.sim.simulator import (CELLS, FAULT_KINDS, SimConfig, SimResult, Simulator,
+                                    reproduce)
 from vmresize.events import schema as ev
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = load(ROOT / "cluster.yaml")
 SWEEP = dict(hosts=4, instances=12, operations=60)
 SEEDS = 200
-
-# A host crash rolled on the very first append of a host (its HostConfigured, while the
-# simulator starts it) escapes Simulator.run; see test_crash_while_a_host_first_starts.
+STUCK_P = 0.3       # hosts with a cleanup driver call that keeps failing: abandoned cleanups
+STORAGE_FAULTS = ("power_loss", "torn_write", "disk_full", "io_error", "corrupt_snapshot")
 
 HEAVY = dict(crash_p=0.02, driver_fail_p=0.05, driver_hang_p=0.01, driver_crash_p=0.01,
              controller_crash_p=0.003, drop_p=0.05, duplicate_p=0.05)
 
 
 def command(seed: int, hosts: int, instances: int, operations: int, **extra) -> str:
-    line = (f"vmresize simulate --seed {seed} --hosts {hosts} --instances {instances} "
-            f"--operations {operations}")
-    if extra:
-        line += f"   # SimConfig options: {extra}"
-    return line
-
-
-class SimulatorCrashed(AssertionError):
-    """Simulator.run itself raised (not a violation it reported)."""
+    return reproduce(SimConfig(seed=seed, hosts=hosts, instances=instances,
+                               operations=operations, **{"stuck_p": STUCK_P, **extra}))
 
 
 def simulate(seed: int, tmp: str | Path, cluster=CLUSTER, shell_class=HostShell,
-             **options):
+             **options) -> tuple[Simulator, SimResult]:
     sizes = {**SWEEP, **{k: options.pop(k) for k in list(options) if k in SWEEP}}
-    line = command(seed, **sizes, **options)
-    print(f"seed {seed}: {line}")
+    options.setdefault("stuck_p", STUCK_P)
     sim = Simulator(cluster, SimConfig(seed=seed, **sizes, **options),
                     Path(tmp) / "state", shell_class=shell_class)
-    try:
-        return sim, sim.run()
-    except HostCrashed:
-        raise SimulatorCrashed(f"seed {seed}: Simulator.run raised HostCrashed\n"
-                               f"reproduce: {line}") from None
+    result = sim.run()      # never raises: whatever goes wrong is a violation
+    print(f"seed {seed}: {result.command}")
+    return sim, result
 
 
-def _sweep_params():
-    for seed in range(SEEDS):
-        yield pytest.param(seed, id=f"seed-{seed}")
+def _explain(seed: int, result: SimResult) -> str:
+    return (f"seed {seed}: {result.violations} violation(s)\n  "
+            + "\n  ".join(result.violation_list[:10]) + f"\nreproduce: {result.command}")
 
 
-@pytest.mark.parametrize("seed", list(_sweep_params()))
+# The main sweep's results, kept for the coverage test (which runs any seed missing,
+# so that it holds on its own too).
+_SWEEP_RESULTS: dict[int, SimResult] = {}
+
+
+def _sweep_result(seed: int, tmp: Path) -> SimResult:
+    if seed not in _SWEEP_RESULTS:
+        _SWEEP_RESULTS[seed] = simulate(seed, tmp / f"sweep-{seed}")[1]
+    return _SWEEP_RESULTS[seed]
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed-{s}") for s in range(SEEDS)])
 def test_seed_sweep_with_every_fault_finds_nothing(seed, tmp_path):
-    _, result = simulate(seed, tmp_path)
-    assert result.violations == 0, (
-        f"seed {seed}: {result.violations} violation(s)\n  "
-        + "\n  ".join(result.violation_list[:10])
-        + f"\nreproduce: {command(seed, **SWEEP)}")
+    result = _sweep_result(seed, tmp_path)
+    assert result.violations == 0, _explain(seed, result)
     assert result.operations == SWEEP["operations"]
     assert result.events > 0
+
+
+def test_the_sweep_hits_every_crash_window_and_every_recovery_path(tmp_path):
+    results = {seed: _sweep_result(seed, tmp_path) for seed in range(SEEDS)}
+    assert sorted(results) == list(range(SEEDS))        # every seed requested, checked
+    windows = {cell: sum(r.windows.get(cell, 0) for r in results.values())
+               for cell in CELLS}
+    missed = [cell for cell, n in windows.items() if n == 0]
+    assert not missed, f"crash windows never hit in {SEEDS} seeds: {missed}"
+    reached = {k: sum(r.reached.get(k, 0) for r in results.values())
+               for k in results[0].reached}
+    for path in ("compensation", "abandoned", "released_dest", "restored",
+                 "snapshots_rebuilt", "disk_full_refusals", "own_recoveries"):
+        assert reached[path] > 0, f"{path} never reached in {SEEDS} seeds: {reached}"
+    faults = {k: sum(r.faults.get(k, 0) for r in results.values()) for k in FAULT_KINDS}
+    assert all(n > 0 for n in faults.values()), faults
+
+
+def test_a_restarted_host_recovers_with_no_resend(tmp_path):
+    """No resend reaches a restarted host's open intents: each host closes them itself."""
+    seeds = range(500, 540)
+    results = {s: simulate(s, tmp_path / str(s), resend=False)[1] for s in seeds}
+    assert sorted(results) == list(seeds)
+    bad = {s: r for s, r in results.items() if r.violations}
+    assert not bad, "\n".join(_explain(s, r) for s, r in bad.items())
+    assert sum(r.reached["own_recoveries"] for r in results.values()) > 0
+    assert all("--no-resend" in r.command for r in results.values())
 
 
 def test_the_sweep_injects_every_fault_kind(tmp_path):
     seen = {k: 0 for k in FAULT_KINDS}
     driver_faults = 0
     for seed in range(10):
-        try:
-            sim, result = simulate(seed, tmp_path / str(seed), **HEAVY)
-        except SimulatorCrashed:     # the start-up crash bug, tested on its own
-            continue
+        sim, result = simulate(seed, tmp_path / str(seed), **HEAVY)
         for kind, n in result.faults.items():
             seen[kind] += n
         driver_faults += sum(sum(h.driver.injected.values()) for h in sim.hosts.values())
-    assert all(seen[k] > 0 for k in ("crash", "drop", "duplicate", "reorder")), seen
+    assert all(seen[k] > 0 for k in FAULT_KINDS), seen
     assert driver_faults > 0
 
 
@@ -97,6 +119,8 @@ def test_result_counts_driver_faults(tmp_path):
             injected[action] = injected.get(action, 0) + n
     assert injected.get("fail", 0) + injected.get("hang", 0) > 0
     assert result.faults["driver"] == injected.get("fail", 0) + injected.get("hang", 0)
+    assert set(CELLS) == set(result.windows)
+    assert sum(result.windows.values()) <= result.crashes
 
 
 def test_result_shape(tmp_path):
@@ -136,14 +160,51 @@ def test_crash_while_a_host_first_starts(tmp_path):
     assert result.violations == 0
 
 
+# --------------------------------------------------------------------------- no silent seeds
+
+class _RaisesOnReboot(HostShell):
+    """A broken host: a reboot raises an error no one expects."""
+
+    async def _do_reboot(self, e):
+        raise RuntimeError("reboot exploded")
+
+
+def test_an_exception_in_a_simulation_is_a_violation_with_its_command(tmp_path):
+    seed, result = _first_seed_with_violations(tmp_path, shell_class=_RaisesOnReboot)
+    assert seed is not None, "an exception inside the simulation went unnoticed"
+    assert any("RuntimeError" in v and "reboot exploded" in v
+               for v in result.violation_list), result.violation_list
+    assert result.command.startswith(f"vmresize simulate --seed {seed} --hosts 4 ")
+
+
+def test_a_simulator_that_raises_reports_a_violation(tmp_path, monkeypatch):
+    def explode(self, envs):
+        raise ValueError("observer exploded")
+    monkeypatch.setattr(Simulator, "observe", explode)
+    _, result = simulate(3, tmp_path)
+    assert result.violations >= 1
+    assert "exception: the simulation raised: ValueError: observer exploded" in \
+        result.violation_list[0]
+    assert result.command.startswith("vmresize simulate --seed 3 ")
+
+
+def test_data_the_driver_lost_is_a_violation(tmp_path, monkeypatch):
+    from vmresize.drivers.fake import FakeDriver
+    real = FakeDriver.finish_migration
+
+    async def loses_data(self, instance, disks, shared_storage, power_on):
+        await real(self, instance, disks, shared_storage, power_on)
+        self.data_loss.append(f"{instance.uuid}: disk.qcow2 shrunk (planted)")
+    monkeypatch.setattr(FakeDriver, "finish_migration", loses_data)
+    _, result = simulate(1, tmp_path)
+    assert any(v.startswith("data loss: ") for v in result.violation_list)
+
+
 # --------------------------------------------------------------------------- broken on purpose
 
 def _first_seed_with_violations(tmp_path, seeds=range(5), **kw):
     for seed in seeds:
-        try:
-            _, result = simulate(seed, tmp_path / str(seed), **kw)
-        except SimulatorCrashed:     # the start-up crash bug, tested on its own
-            continue
+        _, result = simulate(seed, tmp_path / str(seed), **kw)
         if result.violations:
             return seed, result
     return None, None
@@ -163,6 +224,22 @@ def test_a_broken_ledger_rule_is_caught(tmp_path, monkeypatch):
     seed, result = _first_seed_with_violations(tmp_path)
     assert seed is not None, "the broken rule went unnoticed for seeds 0..4"
     assert any("no-leak" in v or "ledger-matches" in v for v in result.violation_list)
+
+
+def test_a_host_without_its_version_check_is_caught(tmp_path, monkeypatch):
+    """A stale command (fault `stale`: an earlier command again under a new id) reaches
+    a host that no longer compares versions: it runs it, and the sweep says so."""
+    host_module = importlib.import_module("vmresize.actors.host")
+    monkeypatch.setattr(host_module, "check_version", lambda state, cmd: None)
+    seed, result = _first_seed_with_violations(tmp_path)
+    assert seed is not None, "the missing version check went unnoticed for seeds 0..4"
+    assert any(v.startswith("stale: ") for v in result.violation_list), result.violation_list
+
+
+def test_stale_commands_are_refused_and_counted(tmp_path):
+    results = [simulate(seed, tmp_path / str(seed))[1] for seed in range(3)]
+    assert sum(r.faults["stale"] for r in results) > 0
+    assert all(r.violations == 0 for r in results), [r.violation_list for r in results]
 
 
 shell_module = importlib.import_module("vmresize.actors.shell")
@@ -218,14 +295,14 @@ def test_driver_state_check_passes_on_a_quiet_run(tmp_path):
 
 def test_drivers_hold_what_the_logs_say(tmp_path):
     bad = {}
+    checked = []
     for seed in range(3000, 3060):
-        try:
-            sim, result = simulate(seed, tmp_path / str(seed), driver_fail_p=0.05)
-        except SimulatorCrashed:
-            continue
+        sim, result = simulate(seed, tmp_path / str(seed), driver_fail_p=0.05)
+        checked.append(seed)
         problems = driver_mismatches(sim)
         if problems:
             bad[seed] = problems
+    assert checked == list(range(3000, 3060))
     assert not bad, "\n".join(f"seed {s}: {p}\n  reproduce: "
                               f"{command(s, **SWEEP, driver_fail_p=0.05)}"
                               for s, p in sorted(bad.items()))
@@ -234,14 +311,13 @@ def test_drivers_hold_what_the_logs_say(tmp_path):
 # --------------------------------------------------------------------------- harsher sweeps
 
 def _sweep(tmp_path, seeds, cluster=CLUSTER, **options) -> dict[int, list[str]]:
-    bad = {}
+    bad, checked = {}, []
     for seed in seeds:
-        try:
-            _, result = simulate(seed, tmp_path / str(seed), cluster=cluster, **options)
-        except SimulatorCrashed:
-            continue            # the start-up crash bug, tested on its own
+        _, result = simulate(seed, tmp_path / str(seed), cluster=cluster, **options)
+        checked.append(seed)
         if result.violations:
             bad[seed] = result.violation_list[:3]
+    assert checked == list(seeds)
     return bad
 
 
