@@ -81,6 +81,16 @@ class HostInfo(msgspec.Struct, frozen=True):
     limit: Resources = ev.ZERO
 
 
+class FlavorInfo(msgspec.Struct, frozen=True):
+    """A flavor with its id, as the compute API shows it; `deleted` ones are kept so
+    that instances booted with them still name them."""
+    id: str
+    flavor: Flavor
+    is_public: bool = True
+    description: str = ""
+    deleted: bool = False
+
+
 class HostEntry(msgspec.Struct, frozen=True):
     name: str
     driver: str
@@ -99,7 +109,11 @@ class Controller:
         self.log = log
         self.transport = transport
         self.hosts = {h.name: h for h in hosts}
-        self.flavors = flavors
+        self.flavors = dict(flavors)
+        # cluster.yaml's flavors are numbered in file order (Nova's m1.* ids 1-5);
+        # flavors created later carry their id in their event.
+        self.flavor_infos = {name: FlavorInfo(str(i + 1), f)
+                             for i, (name, f) in enumerate(flavors.items())}
         self.opt = options
         self.clock = clock
         self.sleep = sleep
@@ -177,6 +191,15 @@ class Controller:
             r.answers = {}
             self.tasks.pop(r.request_id, None)
             self._forget_requests(r.request_id)
+        elif t is ev.FlavorCreated:
+            self.flavors[e.flavor.name] = e.flavor
+            self.flavor_infos[e.flavor.name] = FlavorInfo(e.flavor_id, e.flavor,
+                                                          e.is_public, e.description)
+        elif t is ev.FlavorDeleted:
+            self.flavors.pop(e.name, None)
+            info = self.flavor_infos.get(e.name)
+            if info is not None:
+                self.flavor_infos[e.name] = msgspec.structs.replace(info, deleted=True)
 
     def _forget_requests(self, ended_id: str) -> None:
         """Keep the last `retain_requests` ended requests (their answers make a repeated
@@ -403,6 +426,49 @@ class Controller:
     def instances(self) -> list[Instance]:
         return sorted((i for i in self.view.instances.values() if not i.deleted),
                       key=lambda i: i.name)
+
+    def server(self, uuid: str) -> tuple[Instance, Migration | None]:
+        """An instance by uuid (deleted ones too) with its open migration, if any: a
+        resize that no host has claimed yet shows there before it shows on the
+        instance."""
+        inst = self.view.instances.get(uuid)
+        if inst is None:
+            raise OperationError(f"no instance with uuid {uuid!r}")
+        return inst, self.open_migration_of(uuid)
+
+    def servers(self, deleted: bool = False) -> list[tuple[Instance, Migration | None]]:
+        return [(i, self.open_migration_of(i.uuid))
+                for i in sorted(self.view.instances.values(), key=lambda i: i.name)
+                if i.deleted == deleted]
+
+    def flavor_list(self) -> list[FlavorInfo]:
+        """Every flavor with its id, deleted ones included (marked)."""
+        return list(self.flavor_infos.values())
+
+    async def create_flavor(self, flavor: Flavor, flavor_id: str | None = None,
+                            is_public: bool = True, description: str = "",
+                            request_id: str | None = None) -> FlavorInfo:
+        request_id = request_id or self.new_id()
+        if flavor.name in self.flavors:
+            raise OperationError(f"a flavor named {flavor.name!r} already exists")
+        ids = {i.id for i in self.flavor_infos.values() if not i.deleted}
+        if flavor_id is None:
+            numbers = [int(i.id) for i in self.flavor_infos.values() if i.id.isdigit()]
+            flavor_id = str(max(numbers, default=0) + 1)
+        elif flavor_id in ids:
+            raise OperationError(f"a flavor with id {flavor_id!r} already exists")
+        await self._log(ev.FlavorCreated(request_id=request_id, flavor=flavor,
+                                         flavor_id=flavor_id, is_public=is_public,
+                                         description=description))
+        return self.flavor_infos[flavor.name]
+
+    async def delete_flavor(self, flavor_id: str, request_id: str | None = None) -> None:
+        for name, info in self.flavor_infos.items():
+            if info.id == flavor_id and not info.deleted:
+                await self._log(ev.FlavorDeleted(request_id=request_id or self.new_id(),
+                                                 name=name, flavor_id=flavor_id))
+                return
+        raise OperationError(f"no flavor with id {flavor_id!r}")
 
     def host_infos(self) -> list[HostInfo]:
         out = []

@@ -1,0 +1,82 @@
+"""What the compute API needs from the controller, in process on the virtual clock:
+flavors created and deleted as controller events (so they outlive a restart), and
+instances by uuid with the resize that no host has claimed yet.
+"""
+from __future__ import annotations
+
+import pytest
+
+from test_controller import Rig, virtual
+from vmresize.actors.controller import OperationError
+from vmresize.events import schema as ev
+from vmresize.events.schema import Flavor
+
+M1_HUGE = Flavor(name="m1.huge", vcpus=2, memory_mb=1024, root_gb=40)
+
+
+@virtual
+async def test_created_flavor_is_logged_numbered_and_survives_a_restart():
+    rig = Rig()
+    ctl = await rig.start()
+    assert [(i.id, i.flavor.name) for i in ctl.flavor_list()][:2] == [
+        ("1", "m1.tiny"), ("2", "m1.small")]
+    info = await ctl.create_flavor(M1_HUGE, request_id="req-1")
+    assert (info.id, info.flavor) == (str(len(rig.cfg.flavors) + 1), M1_HUGE)
+    created = [e for e in rig.controller_events() if type(e) is ev.FlavorCreated]
+    assert [(e.request_id, e.flavor, e.flavor_id) for e in created] == [
+        ("req-1", M1_HUGE, info.id)]
+    inst = await ctl.boot("vm1", "m1.huge")
+    assert inst.flavor == M1_HUGE
+
+    again = rig.new_controller()
+    await again.start()
+    assert again.flavors["m1.huge"] == M1_HUGE
+    assert [i for i in again.flavor_list() if i.flavor.name == "m1.huge"] == [info]
+
+
+@virtual
+async def test_deleted_flavor_is_gone_after_a_restart_but_keeps_its_id_for_instances():
+    rig = Rig()
+    ctl = await rig.start()
+    info = await ctl.create_flavor(M1_HUGE, "huge-id")
+    await ctl.boot("vm1", "m1.huge")
+    await ctl.delete_flavor("huge-id", request_id="req-del")
+    assert "m1.huge" not in ctl.flavors
+    with pytest.raises(OperationError, match="unknown flavor"):
+        await ctl.boot("vm2", "m1.huge")
+    again = rig.new_controller()
+    await again.start()
+    assert "m1.huge" not in again.flavors
+    kept = [i for i in again.flavor_list() if i.flavor.name == "m1.huge"]
+    assert [(i.id, i.deleted) for i in kept] == [(info.id, True)]
+    assert again.instance_by_name("vm1").flavor == M1_HUGE
+
+
+@virtual
+async def test_flavor_refusals_log_nothing():
+    rig = Rig()
+    ctl = await rig.start()
+    before = rig.controller_events()
+    with pytest.raises(OperationError, match="already exists"):
+        await ctl.create_flavor(Flavor(name="m1.small", vcpus=1, memory_mb=1, root_gb=1))
+    with pytest.raises(OperationError, match="id '1' already exists"):
+        await ctl.create_flavor(M1_HUGE, "1")
+    with pytest.raises(OperationError, match="no flavor with id"):
+        await ctl.delete_flavor("404")
+    assert rig.controller_events() == before
+
+
+@virtual
+async def test_a_resize_shows_on_the_server_before_any_host_claimed_it():
+    rig = Rig()
+    ctl = await rig.start()
+    inst = await ctl.boot("vm1", "m1.small")
+    mig = await ctl.resize("vm1", "m1.medium", wait=False)
+    server, open_mig = ctl.server(inst.uuid)
+    assert server.uuid == inst.uuid and open_mig is not None and open_mig.id == mig.id
+    assert [(i.uuid, m.id if m else None) for i, m in ctl.servers()] == [(inst.uuid, mig.id)]
+    await ctl.wait_migration(mig.id)
+    await ctl.confirm("vm1")
+    assert ctl.server(inst.uuid)[1] is None
+    with pytest.raises(OperationError, match="no instance with uuid"):
+        ctl.server("nope")
