@@ -22,7 +22,8 @@ from pathlib import Path
 import ray
 
 from vmresize.config import ClusterConfig, load
-from vmresize.actors.controller import HostInfo, OperationError
+from vmresize.actors.controller import FlavorInfo, HostInfo, OperationError
+from vmresize.events.schema import Flavor
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)
 from vmresize.projections.audit import AuditReport, audit
@@ -172,7 +173,8 @@ class Cluster:
 
     def _call(self, method: str, *args, **kw):
         # A request id chosen here makes Ray's retries (at-least-once) harmless.
-        kw.setdefault("request_id", str(uuid.uuid4()))
+        if kw.get("request_id") is None:
+            kw["request_id"] = str(uuid.uuid4())
         return self._unwrap(ray.get(self.controller.call.remote(method, *args, **kw)))
 
     def _query(self, what: str, *args):
@@ -180,21 +182,38 @@ class Cluster:
 
     # ------------------------------------------------------------------ intents
 
+    # `request_id`: the caller's id for the request (the compute API passes its HTTP
+    # request id); it is logged with the request and dedupes a repeated call.
+
     def boot(self, name: str, flavor: str, host: str | None = None,
-             stopped: bool = False) -> Instance:
-        return self._call("boot", name, flavor, host, stopped)
+             stopped: bool = False, *, request_id: str | None = None) -> Instance:
+        return self._call("boot", name, flavor, host, stopped, request_id=request_id)
 
-    def resize(self, name: str, flavor: str, host: str | None = None) -> MigrationHandle:
-        return MigrationHandle(self, self._call("resize", name, flavor, host, wait=False))
+    def resize(self, name: str, flavor: str, host: str | None = None, *,
+               request_id: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, flavor, host, wait=False,
+                                                request_id=request_id))
 
-    def migrate(self, name: str, host: str | None = None) -> MigrationHandle:
-        return MigrationHandle(self, self._call("resize", name, None, host, wait=False))
+    def migrate(self, name: str, host: str | None = None, *,
+                request_id: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, None, host, wait=False,
+                                                request_id=request_id))
 
-    def confirm(self, name: str) -> Migration:
-        return self._call("confirm", name)
+    def confirm(self, name: str, *, request_id: str | None = None) -> Migration:
+        return self._call("confirm", name, request_id=request_id)
 
-    def revert(self, name: str) -> Migration:
-        return self._call("revert", name)
+    def revert(self, name: str, *, request_id: str | None = None) -> Migration:
+        return self._call("revert", name, request_id=request_id)
+
+    def create_flavor(self, flavor: Flavor, flavor_id: str | None = None, *,
+                      is_public: bool = True, description: str = "",
+                      request_id: str | None = None) -> FlavorInfo:
+        """Add a flavor (logged by the controller, so it outlives `down` / `up`)."""
+        return self._call("create_flavor", flavor, flavor_id, is_public, description,
+                          request_id=request_id)
+
+    def delete_flavor(self, flavor_id: str, *, request_id: str | None = None) -> None:
+        return self._call("delete_flavor", flavor_id, request_id=request_id)
 
     def reboot(self, name: str, hard: bool = False) -> Instance:
         return self._call("act", name, "reboot", hard)
@@ -217,6 +236,18 @@ class Cluster:
 
     def hosts(self) -> list[HostInfo]:
         return self._query("hosts")
+
+    def server(self, uuid: str) -> tuple[Instance, Migration | None]:
+        """An instance by uuid (deleted ones too) and its open migration, if any."""
+        return self._query("server", uuid)
+
+    def servers(self, deleted: bool = False) -> list[tuple[Instance, Migration | None]]:
+        """Every instance (or every deleted one) with its open migration, if any."""
+        return self._query("servers", deleted)
+
+    def flavors(self) -> list[FlavorInfo]:
+        """cluster.yaml's flavors and those created since, with their ids."""
+        return self._query("flavors")
 
     def round_trips(self) -> int:
         return self._query("round_trips")
