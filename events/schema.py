@@ -364,9 +364,21 @@ class FlavorDeleted(ControllerEventBase, frozen=True, tag="FlavorDeleted", kw_on
     flavor_id: str = ""
 
 
+class OwnerRecorded(ControllerEventBase, frozen=True, tag="OwnerRecorded", kw_only=True):
+    """Who booted an instance through the compute API, and from which image: logged
+    with its `BootRequested`, in the same append."""
+    instance_uuid: str
+    project_id: str = ""
+    user_id: str = ""
+    image_id: str = ""
+
+
+ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
+                   | RevertRequested | RequestEnded | FlavorCreated | FlavorDeleted
+                   | OwnerRecorded)
 ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
                    | RevertRequested | RequestEnded | ActionRequested | FlavorCreated
-                   | FlavorDeleted)
+                   | FlavorDeleted | OwnerRecorded)
 
 
 # --------------------------------------------------------------------------- envelope
