@@ -22,8 +22,8 @@ from pathlib import Path
 import ray
 
 from vmresize.config import ClusterConfig, load
-from vmresize.actors.controller import FlavorInfo, HostInfo, OperationError
-from vmresize.events.schema import Flavor
+from vmresize.actors.controller import FlavorInfo, HostInfo, OperationError, ServerView
+from vmresize.events.schema import Flavor, OwnerRecorded
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)
 from vmresize.projections.audit import AuditReport, audit
@@ -186,8 +186,16 @@ class Cluster:
     # request id); it is logged with the request and dedupes a repeated call.
 
     def boot(self, name: str, flavor: str, host: str | None = None,
-             stopped: bool = False, *, request_id: str | None = None) -> Instance:
-        return self._call("boot", name, flavor, host, stopped, request_id=request_id)
+             stopped: bool = False, *, request_id: str | None = None,
+             project_id: str = "", user_id: str = "", image_id: str = "") -> Instance:
+        """Boot; `project_id`, `user_id`, `image_id` (the compute API's caller and
+        image) are logged with the request when given."""
+        owner = None
+        if project_id or user_id or image_id:
+            owner = OwnerRecorded(request_id="", instance_uuid="", project_id=project_id,
+                                  user_id=user_id, image_id=image_id)
+        return self._call("boot", name, flavor, host, stopped, request_id=request_id,
+                          owner=owner)
 
     def resize(self, name: str, flavor: str, host: str | None = None, *,
                request_id: str | None = None) -> MigrationHandle:
@@ -237,12 +245,13 @@ class Cluster:
     def hosts(self) -> list[HostInfo]:
         return self._query("hosts")
 
-    def server(self, uuid: str) -> tuple[Instance, Migration | None]:
-        """An instance by uuid (deleted ones too) and its open migration, if any."""
+    def server(self, uuid: str) -> ServerView:
+        """An instance by uuid (deleted ones too) with its open migration, owner,
+        image and times."""
         return self._query("server", uuid)
 
-    def servers(self, deleted: bool = False) -> list[tuple[Instance, Migration | None]]:
-        """Every instance (or every deleted one) with its open migration, if any."""
+    def servers(self, deleted: bool = False) -> list[ServerView]:
+        """Every instance (or every deleted one) as `server` shows it."""
         return self._query("servers", deleted)
 
     def flavors(self) -> list[FlavorInfo]:

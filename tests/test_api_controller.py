@@ -72,11 +72,28 @@ async def test_a_resize_shows_on_the_server_before_any_host_claimed_it():
     ctl = await rig.start()
     inst = await ctl.boot("vm1", "m1.small")
     mig = await ctl.resize("vm1", "m1.medium", wait=False)
-    server, open_mig = ctl.server(inst.uuid)
-    assert server.uuid == inst.uuid and open_mig is not None and open_mig.id == mig.id
-    assert [(i.uuid, m.id if m else None) for i, m in ctl.servers()] == [(inst.uuid, mig.id)]
+    view = ctl.server(inst.uuid)
+    assert view.instance.uuid == inst.uuid and view.migration.id == mig.id
+    assert [(s.instance.uuid, s.migration.id) for s in ctl.servers()] == [(inst.uuid, mig.id)]
     await ctl.wait_migration(mig.id)
     await ctl.confirm("vm1")
-    assert ctl.server(inst.uuid)[1] is None
+    assert ctl.server(inst.uuid).migration is None
     with pytest.raises(OperationError, match="no instance with uuid"):
         ctl.server("nope")
+
+
+@virtual
+async def test_owner_and_image_are_logged_with_the_boot_and_survive_a_restart():
+    rig = Rig()
+    ctl = await rig.start()
+    owner = ev.OwnerRecorded(request_id="", instance_uuid="", project_id="p1",
+                             user_id="u1", image_id="img-1")
+    inst = await ctl.boot("vm1", "m1.small", request_id="req-boot", owner=owner)
+    logged = [e for e in rig.controller_events() if type(e) is ev.OwnerRecorded]
+    assert [(e.request_id, e.instance_uuid, e.project_id, e.image_id) for e in logged] == [
+        ("req-boot", inst.uuid, "p1", "img-1")]
+    again = rig.new_controller()
+    await again.start()
+    view = again.server(inst.uuid)
+    assert (view.project, view.user, view.image_id) == ("p1", "u1", "img-1")
+    assert 0 < view.created_at <= view.updated_at
