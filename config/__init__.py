@@ -94,6 +94,9 @@ class ApiSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     users: list[UserSpec] = []
     token_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600
     replicas: Count = 1                  # Ray Serve replicas of the ingress deployment
+    # "actor": uvicorn in one detached Ray actor (the default: no proxy hop, see the
+    # README's figures); "serve": Ray Serve's proxy and `replicas` replicas.
+    runtime: Literal["serve", "actor"] = "actor"
 
 
 class ImageSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -300,3 +303,13 @@ def load(path: str | Path, state_dir: str | None = None) -> ClusterConfig:
              if h.instances_path else h for h in cfg.hosts]
     return msgspec.structs.replace(cfg, state_dir=str(state.resolve()), hosts=hosts,
                                    path=str(path.resolve()))
+
+
+def with_api_listen(cfg: ClusterConfig, listen: str) -> ClusterConfig:
+    """`up --api-listen`: the same checks as api.listen in the file."""
+    out = msgspec.structs.replace(cfg, api=msgspec.structs.replace(cfg.api, listen=listen))
+    try:
+        _check_api(out, "--api-listen")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--api-listen: api.listen", "--api-listen"))
+    return out
