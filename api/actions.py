@@ -44,10 +44,11 @@ STEP_NAMES = {
     "ConfirmStarted": "compute_confirm_resize",
     "RevertStarted": "compute_revert_resize",
     "RevertFinishStarted": "compute_finish_revert_resize",
-    "PoweredOff": "compute_stop_instance", "PoweredOn": "compute_start_instance",
-    "Deleted": "compute_terminate_instance",
+    "PowerOffStarted": "compute_stop_instance", "PowerOnStarted": "compute_start_instance",
+    "RebootStarted": "compute_reboot_instance", "DeleteStarted": "compute_terminate_instance",
+    "RestoreStarted": "compute_finish_revert_resize",
 }
-FAILURES = ("Failed", "ClaimRejected", "SpawnFailed")
+FAILURES = ("Failed", "ClaimRejected", "SpawnFailed", "ActionFailed")
 
 
 def _action_name(e) -> str:
@@ -60,6 +61,8 @@ def _action_name(e) -> str:
         return "confirmResize"
     if t == "RevertRequested":
         return "revertResize"
+    if isinstance(getattr(e, "action", None), str):      # stop, start, reboot, delete
+        return e.action
     base = t[:-len("Requested")] if t.endswith("Requested") else t
     return base[:1].lower() + base[1:]
 
