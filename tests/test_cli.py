@@ -364,7 +364,7 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
     up = False
     try:
         up = True
-        hosts = doc("up", timeout_s=180)
+        hosts = doc("up", timeout_s=180)["hosts"]
         ray_processes.record(state)
         assert sorted((h["name"], h["up"]) for h in hosts) == [("compute-1", True),
                                                                ("compute-2", True)]
