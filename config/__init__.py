@@ -82,7 +82,7 @@ class UserSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     `vmresize password-hash` prints (scrypt, salted)."""
     name: Annotated[str, msgspec.Meta(min_length=1)]
     password_hash: Annotated[str, msgspec.Meta(pattern=r"^scrypt\$")]
-    roles: list[Literal["admin", "member", "reader"]] = msgspec.field(
+    roles: list[Literal["admin", "member", "reader", "manager"]] = msgspec.field(
         default_factory=lambda: ["member"])
     project: Annotated[str, msgspec.Meta(min_length=1)] = "default"
 

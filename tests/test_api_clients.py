@@ -135,3 +135,39 @@ def test_openstacksdk(api):
     actions = list(conn.compute.server_actions(server))
     assert sorted(a.action for a in actions) == ["confirmResize", "create", "resize"]
     assert api.vm_json("show", "sdk-1")["status"] == "ACTIVE"
+
+
+LIFECYCLE = callable(getattr(__import__("vmresize.actors.api", fromlist=["Cluster"]).Cluster,
+                             "delete", None))
+
+
+@pytest.mark.skipif(not LIFECYCLE, reason="needs Cluster.stop/start/reboot/delete(name)")
+def test_stop_start_reboot_delete(api):
+    server = create(api, "life-1", "m1.tiny")
+    api.openstack("server", "stop", "life-1")
+    assert api.vm_json("show", "life-1")["status"] == "SHUTOFF"
+    assert api.os_json("server", "show", "life-1")["status"] == "SHUTOFF"
+    api.openstack("server", "start", "life-1")
+    assert api.vm_json("show", "life-1")["status"] == "ACTIVE"
+    api.openstack("server", "reboot", "--hard", "--wait", "life-1")
+    assert api.vm_json("show", "life-1")["status"] == "ACTIVE"
+    actions = [a["Action"] for a in api.os_json("server", "event", "list", "life-1")]
+    assert actions == ["reboot", "start", "stop", "create"]
+    used_before = {h["name"]: h["memory_mb_used"] for h in api.vm_json("list", "hosts")}
+    api.openstack("server", "delete", "--wait", "life-1")
+    gone = api.openstack("server", "show", server["id"], check=False)
+    assert gone.returncode == 1 and "No Server found" in gone.stderr
+    used_after = {h["name"]: h["memory_mb_used"] for h in api.vm_json("list", "hosts")}
+    assert sum(used_before.values()) - sum(used_after.values()) == 512
+
+
+@pytest.mark.skipif(not LIFECYCLE, reason="needs Cluster.delete(name)")
+def test_delete_in_verify_resize_confirms_first_and_holds_nothing(api):
+    create(api, "life-2", "m1.tiny")
+    api.openstack("server", "resize", "--flavor", "m1.small", "--wait", "life-2")
+    uuid = api.vm_json("show", "life-2")["uuid"]
+    api.openstack("server", "delete", "--wait", "life-2")
+    statuses = [m["status"] for m in api.vm_json("list", "migrations")
+                if m["instance_uuid"] == uuid]
+    assert statuses == ["confirmed"]
+    assert api.vm_json("audit")["ok"]
