@@ -31,6 +31,7 @@ from vmresize.api.microversions import Version, VersionError
 from vmresize.events.schema import Flavor
 
 MAX_BODY_BYTES = 112 * 1024        # Nova's (oslo's) max_request_body_size
+CACHE_S = 1.0
 JSON = "application/json"
 
 
@@ -110,6 +111,11 @@ class Api:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vmresize-api")
         self.started_at = time.time()
         self.images = {views.image_id(i): i for i in cfg.images}
+        # Flavors and host liveness change rarely and every server view needs them:
+        # kept for CACHE_S (flavors are fetched again when a lookup misses, and at
+        # once after this process changed them).
+        self._flavors: tuple[float, list] | None = None
+        self._hosts_up: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -171,10 +177,22 @@ class Api:
         except msgspec.DecodeError:
             raise bad_request("Malformed request body") from None
 
-    async def load_flavors(self, ctx: Ctx) -> list:
-        if ctx.flavors is None:
-            ctx.flavors = await self.call(self.cluster.flavors)
+    async def load_flavors(self, ctx: Ctx, fresh: bool = False) -> list:
+        cached = self._flavors
+        if fresh or cached is None or time.monotonic() - cached[0] > CACHE_S:
+            cached = self._flavors = (time.monotonic(), await self.call(self.cluster.flavors))
+        ctx.flavors = cached[1]
         return ctx.flavors
+
+    async def hosts_up(self, ctx: Ctx) -> None:
+        """Host liveness for `host_status` (2.16+, admin)."""
+        if ctx.version < (2, 16) or not ctx.admin:
+            return
+        cached = self._hosts_up
+        if cached is None or time.monotonic() - cached[0] > CACHE_S:
+            hosts = await self.call(self.cluster.hosts)
+            cached = self._hosts_up = (time.monotonic(), {h.name: h.up for h in hosts})
+        ctx.hosts_up = cached[1]
 
     async def server(self, ctx: Ctx, server_id: str, rule: str):
         """The server named by the path, or 404; checks the caller may `rule` it."""
@@ -212,8 +230,7 @@ class Api:
         if not detail:
             return _json({"servers": [views.server_summary(s, ctx.base) for s in servers]})
         await self.load_flavors(ctx)
-        if ctx.version >= (2, 16) and ctx.admin:
-            ctx.hosts_up = {h.name: h.up for h in await self.call(self.cluster.hosts)}
+        await self.hosts_up(ctx)
         return _json({"servers": [views.server_doc(s, ctx, ctx.version) for s in servers]})
 
     def _listed(self, s, q, ctx: Ctx, all_projects: bool) -> bool:
@@ -243,8 +260,7 @@ class Api:
     async def show_server(self, request: Request, ctx: Ctx) -> Response:
         view = await self.server(ctx, request.path_params["id"], "servers:show:read")
         await self.load_flavors(ctx)
-        if ctx.version >= (2, 16) and ctx.admin:
-            ctx.hosts_up = {h.name: h.up for h in await self.call(self.cluster.hosts)}
+        await self.hosts_up(ctx)
         return _json({"server": views.server_doc(view, ctx, ctx.version)})
 
     async def create_server(self, request: Request, ctx: Ctx) -> Response:
@@ -274,9 +290,10 @@ class Api:
         if not isinstance(ref, str) or not ref.strip():
             raise bad_request(f"Invalid {field} provided.")
         ident = ref.rstrip("/").rsplit("/", 1)[-1]
-        for info in await self.load_flavors(ctx):
-            if not info.deleted and ident in (info.id, info.flavor.name):
-                return info
+        for fresh in (False, True):
+            for info in await self.load_flavors(ctx, fresh):
+                if not info.deleted and ident in (info.id, info.flavor.name):
+                    return info
         raise bad_request(f"Flavor {ident} could not be found.")
 
     def _image_ref(self, ref) -> str:
@@ -326,7 +343,7 @@ class Api:
 
     async def list_flavors(self, request: Request, ctx: Ctx, detail: bool) -> Response:
         q = request.query_params
-        flavors = [i for i in await self.load_flavors(ctx) if not i.deleted]
+        flavors = [i for i in await self.load_flavors(ctx, fresh=True) if not i.deleted]
         public = q.get("is_public")
         if not ctx.admin or public is None or public.lower() not in ("none", "all"):
             want = True if public is None or not ctx.admin else _flag(public)
@@ -340,7 +357,8 @@ class Api:
                                   for i in flavors]})
 
     async def _flavor(self, ctx: Ctx, flavor_id: str):
-        for info in await self.load_flavors(ctx):
+        """A live flavor by id (asked afresh: a deleted one must read as gone)."""
+        for info in await self.load_flavors(ctx, fresh=True):
             if info.id == flavor_id and not info.deleted:
                 return info
         raise not_found(f"Flavor {flavor_id} could not be found.")
@@ -362,6 +380,7 @@ class Api:
         info = await self.call(self.cluster.create_flavor, flavor, spec["id"],
                                is_public=spec["is_public"], description=spec["description"],
                                request_id=ctx.request_id)
+        self._flavors = None
         return _json({"flavor": views.flavor_doc(info, ctx.base, ctx.version)})
 
     async def delete_flavor(self, request: Request, ctx: Ctx) -> Response:
@@ -369,6 +388,7 @@ class Api:
         flavor_id = request.path_params["id"]
         await self._flavor(ctx, flavor_id)
         await self.call(self.cluster.delete_flavor, flavor_id, request_id=ctx.request_id)
+        self._flavors = None
         return _empty(202)
 
     # ------------------------------------------------------------------ migrations
