@@ -11,7 +11,10 @@ import hashlib
 import uuid as uuidlib
 from datetime import datetime, timezone
 
+import msgspec
+
 from vmresize.api.microversions import Version
+from vmresize.projections.state import server_status
 
 # Namespace of the stable UUIDs this API derives from names (images, hypervisors,
 # services), so they are the same on every start.
@@ -90,24 +93,10 @@ def task_state(inst, migration) -> str | None:
 
 
 def status(inst, task: str | None) -> str:
-    if inst.deleted:
-        return "DELETED"
-    if inst.vm_state == "error":
-        return "ERROR"
-    if task == "resize_reverting":
-        return "REVERT_RESIZE"
-    if task in ("resize_prep", "resize_migrating", "resize_migrated", "resize_finish"):
-        return "RESIZE"
-    if task in ("deleting",):
-        return {"stopped": "SHUTOFF", "resized": "VERIFY_RESIZE"}.get(inst.vm_state,
-                                                                      "ACTIVE")
-    if task in ("rebooting", "reboot_pending", "reboot_started"):
-        return "REBOOT"
-    if task in ("rebooting_hard", "reboot_pending_hard", "reboot_started_hard"):
-        return "HARD_REBOOT"
-    return {"active": "ACTIVE", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
-            "building": "BUILD", "deleted": "DELETED"}.get(inst.vm_state,
-                                                         inst.vm_state.upper())
+    """Nova's server status: the projection's, with the task state shown."""
+    if task != inst.task_state:
+        inst = msgspec.structs.replace(inst, task_state=task)
+    return server_status(inst)
 
 
 def server_summary(view, base: str) -> dict:
