@@ -374,9 +374,6 @@ class OwnerRecorded(ControllerEventBase, frozen=True, tag="OwnerRecorded", kw_on
 
 
 ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
-                   | RevertRequested | RequestEnded | FlavorCreated | FlavorDeleted
-                   | OwnerRecorded)
-ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
                    | RevertRequested | RequestEnded | ActionRequested | FlavorCreated
                    | FlavorDeleted | OwnerRecorded)
 
