@@ -140,9 +140,9 @@ class Cluster:
         cluster.host_handles = hosts    # actors that are not detached live while referenced
         return cluster
 
-    def _start_instance(self, name: str) -> Instance:
+    def _start_instance(self, name: str, *, request_id: str | None = None) -> Instance:
         """Power the instance on (a running one: nothing to do)."""
-        return self._call("act", name, "start")
+        return self._call("act", name, "start", request_id=request_id)
 
     start = _ClassOrInstance(classmethod(_start_cluster), _start_instance)
 
@@ -223,13 +223,14 @@ class Cluster:
     def delete_flavor(self, flavor_id: str, *, request_id: str | None = None) -> None:
         return self._call("delete_flavor", flavor_id, request_id=request_id)
 
-    def reboot(self, name: str, hard: bool = False) -> Instance:
-        return self._call("act", name, "reboot", hard)
+    def reboot(self, name: str, hard: bool = False, *,
+               request_id: str | None = None) -> Instance:
+        return self._call("act", name, "reboot", hard, request_id=request_id)
 
-    def delete(self, name: str) -> Instance:
+    def delete(self, name: str, *, request_id: str | None = None) -> Instance:
         """Delete; a resize in VERIFY_RESIZE is confirmed first, one under way is rolled
         back first, so nothing stays held anywhere."""
-        return self._call("act", name, "delete")
+        return self._call("act", name, "delete", request_id=request_id)
 
     # ------------------------------------------------------------------ views
 
@@ -278,11 +279,12 @@ class Cluster:
         """Audit the logs offline; every host of the cluster must have one."""
         return audit(self.cfg.state_dir, as_of, [h.name for h in self.cfg.hosts])
 
-    def stop(self, name: str | None = None) -> Instance | None:
+    def stop(self, name: str | None = None, *,
+             request_id: str | None = None) -> Instance | None:
         """`stop(name)` powers an instance off (clean shutdown, then hard); `stop()`
         stops the actors this object started and the Ray it started."""
         if name is not None:
-            return self._call("act", name, "stop")
+            return self._call("act", name, "stop", request_id=request_id)
         if self.owns_actors:
             stop_actors(self.cfg, self.namespace)
         if self.owns_ray and ray.is_initialized():
