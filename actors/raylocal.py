@@ -51,8 +51,10 @@ def session_of(port: int) -> str | None:
     return None
 
 
-def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
-    """`ray start --head` on a free port; returns {address, port, session}."""
+def start_head(resources: dict[str, float], timeout_s: float = 600) -> dict:
+    """`ray start --head` on a free port; returns {address, port, session}. It returns
+    as soon as the head is up; `timeout_s` only bounds a machine so loaded that it is
+    not (`ray start` was seen taking over 120 s at a load average of 85)."""
     # (No ray-client-server-port: the client server needs `ray[client]`, and we do
     # not use it.)
     options = ("dashboard-agent-grpc-port",

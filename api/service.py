@@ -22,6 +22,9 @@ from vmresize.config import ClusterConfig, split_listen
 
 APP_NAME = "vmresize-api"
 ACTOR_NAME = "vmresize-api"
+# Start-up returns as soon as the API answers; this only bounds a machine so loaded
+# that it does not (a new Ray worker process, its imports, its connection).
+START_TIMEOUT_S = 300
 
 
 class ApiStartError(Exception):
@@ -90,7 +93,7 @@ def _start_serve(cfg, namespace, listen, key, url) -> None:
         "log_level": "WARNING"})
     app = _serve_deployment(cfg.api.replicas).bind(cfg, namespace, key, url)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    _wait_serving(url, 120)
+    _wait_serving(url, START_TIMEOUT_S)
 
 
 def _stop_serve() -> None:
@@ -124,14 +127,16 @@ class ApiServer:
                                     timeout_keep_alive=30)
             self.server = uvicorn.Server(config)
             self.task = asyncio.ensure_future(self.server.serve())
-        for _ in range(600):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
             if self.server.started:
                 return os.getpid()
             if self.task.done():
                 raise ApiStartError(f"api.listen {self.listen}: uvicorn exited: "
                                     f"{self.task.exception()!r}")
-            await asyncio.sleep(0.05)
-        raise ApiStartError(f"api.listen {self.listen}: not serving after 30 s")
+            await asyncio.sleep(0.05)     # uvicorn binding its socket, bounded
+        raise ApiStartError(f"api.listen {self.listen}: not serving after "
+                            f"{START_TIMEOUT_S} s")
 
 
 def _start_actor(cfg, namespace, listen, key, url, detached: bool) -> None:
@@ -139,10 +144,14 @@ def _start_actor(cfg, namespace, listen, key, url, detached: bool) -> None:
                                lifetime="detached" if detached else None,
                                get_if_exists=True).remote(cfg, namespace, listen, key, url)
     try:
-        ray.get(server.serve.remote(), timeout=120)
+        ray.get(server.serve.remote(), timeout=START_TIMEOUT_S)
     except ray.exceptions.RayTaskError as exc:
         ray.kill(server, no_restart=True)
         raise ApiStartError(str(exc.cause) if exc.cause else str(exc)) from None
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(server, no_restart=True)
+        raise ApiStartError(f"api.listen {listen}: the API actor did not start within "
+                            f"{START_TIMEOUT_S} s") from None
     return server
 
 

@@ -33,7 +33,7 @@ api:
 {api_extra}"""
 
 
-def run(*cmd: str, cwd: Path, env: dict | None = None, timeout_s: float = 180,
+def run(*cmd: str, cwd: Path, env: dict | None = None, timeout_s: float = 300,
         check: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", NO_COLOR="1", COLUMNS="250",
                     **(env or {}))
@@ -56,13 +56,13 @@ class ApiCluster:
         self.url = ""
 
     def up(self) -> None:
-        doc = json.loads(self.vmresize("up", "--json", timeout_s=300).stdout)
+        doc = json.loads(self.vmresize("up", "--json", timeout_s=600).stdout)
         self.url = doc["api_url"]
         assert self.url == f"http://127.0.0.1:{self.port}/v2.1", doc
         self.clouds.write_text(self.vmresize("clouds-yaml").stdout)
 
     def down(self) -> None:
-        self.vmresize("down", timeout_s=120, check=False)
+        self.vmresize("down", timeout_s=300, check=False)
 
     def vmresize(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return run(VMRESIZE, *args, cwd=self.workdir, **kw)

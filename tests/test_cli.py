@@ -352,11 +352,11 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
     config, state = tmp_path / "cluster.yaml", tmp_path / "state"
     config.write_text(CLUSTER_YAML)
 
-    def cli(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
+    def cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         return vmresize("--config", str(config), "--state-dir", str(state), *args,
                         cwd=tmp_path, timeout_s=timeout_s)
 
-    def doc(*args: str, timeout_s: float = 90):
+    def doc(*args: str, timeout_s: float = 300):
         proc = cli("--json", *args, timeout_s=timeout_s)
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         return json.loads(proc.stdout)
@@ -364,7 +364,7 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
     up = False
     try:
         up = True
-        hosts = doc("up", timeout_s=180)["hosts"]
+        hosts = doc("up", timeout_s=600)["hosts"]
         ray_processes.record(state)
         assert sorted((h["name"], h["up"]) for h in hosts) == [("compute-1", True),
                                                                ("compute-2", True)]
@@ -376,7 +376,7 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         assert isinstance(mig["id"], str) and mig["instance_uuid"] == inst["uuid"]
 
         shown = _poll(lambda: (d := doc("show", "vm"))["status"] == "VERIFY_RESIZE" and d,
-                      timeout_s=60)
+                      timeout_s=300)
         assert (shown["host"], shown["flavor"]) == ("compute-2", "m1.medium")
         done = doc("confirm", "vm")
         assert (done["id"], done["status"]) == (mig["id"], "confirmed")
@@ -388,14 +388,14 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         migrations = doc("list", "migrations")
         assert [(m["id"], m["status"]) for m in migrations] == [(mig["id"], "confirmed")]
 
-        assert cli("down", timeout_s=120).returncode == 0
+        assert cli("down", timeout_s=300).returncode == 0
         up = False
         ray_processes.after_down()
         gone = cli("show", "vm")
         assert gone.returncode == 1 and "vmresize up" in gone.stderr, gone.stderr
 
         up = True
-        doc("up", timeout_s=180)
+        doc("up", timeout_s=600)
         ray_processes.record(state)
         after = doc("show", "vm")
         keys = ("uuid", "status", "host", "flavor", "vm_state", "task_state", "power_state",
@@ -404,12 +404,12 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         assert {h["name"]: (h["vcpus_used"], h["memory_mb_used"], h["disk_gb_used"])
                 for h in doc("list", "hosts")} == used
         assert doc("list", "migrations") == migrations
-        assert cli("down", timeout_s=120).returncode == 0
+        assert cli("down", timeout_s=300).returncode == 0
         up = False
         ray_processes.after_down()
     finally:
         if up:
-            cli("down", timeout_s=120)
+            cli("down", timeout_s=300)
             ray_processes.after_down()
 
     report = doc("audit")
