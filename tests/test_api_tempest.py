@@ -137,7 +137,7 @@ def api(tmp_path_factory):
         cluster.up()
         yield cluster
     finally:
-        cluster.down()
+        cluster.close()
 
 
 def run_tempest(api, tests: list[str]) -> dict[str, str]:
