@@ -251,6 +251,10 @@ class Cluster:
         image and times."""
         return self._query("server", uuid)
 
+    def servers_of(self, uuids: list[str]) -> list[ServerView | None]:
+        """`server` of each uuid in one round trip; None for an unknown uuid."""
+        return self._query("servers_of", list(uuids))
+
     def servers(self, deleted: bool = False) -> list[ServerView]:
         """Every instance (or every deleted one) as `server` shows it."""
         return self._query("servers", deleted)

@@ -464,6 +464,12 @@ class Controller:
             raise OperationError(f"no instance with uuid {uuid!r}")
         return self._server_view(inst)
 
+    def servers_of(self, uuids: list[str]) -> list[ServerView | None]:
+        """`server` of each uuid in one call (None for an unknown one): the compute
+        API's concurrent lookups, batched."""
+        return [self._server_view(i) if (i := self.view.instances.get(u)) is not None
+                else None for u in uuids]
+
     def servers(self, deleted: bool = False) -> list[ServerView]:
         return [self._server_view(i)
                 for i in sorted(self.view.instances.values(), key=lambda i: i.name)

@@ -235,6 +235,8 @@ class ControllerActor:
                 return Outcome(True, ctl.server(args[0]))
             if what == "servers":
                 return Outcome(True, ctl.servers(*args))
+            if what == "servers_of":
+                return Outcome(True, ctl.servers_of(*args))
             if what == "flavors":
                 return Outcome(True, ctl.flavor_list())
         except OperationError as exc:

@@ -97,3 +97,16 @@ async def test_owner_and_image_are_logged_with_the_boot_and_survive_a_restart():
     view = again.server(inst.uuid)
     assert (view.project, view.user, view.image_id) == ("p1", "u1", "img-1")
     assert 0 < view.created_at <= view.updated_at
+
+
+@virtual
+async def test_servers_of_answers_each_uuid_as_server_does_and_none_for_unknown():
+    rig = Rig()
+    ctl = await rig.start()
+    a = await ctl.boot("vm1", "m1.small")
+    b = await ctl.boot("vm2", "m1.tiny")
+    mig = await ctl.resize("vm2", "m1.small", wait=False)
+    views = ctl.servers_of([b.uuid, "nope", a.uuid, b.uuid])
+    assert views == [ctl.server(b.uuid), None, ctl.server(a.uuid), ctl.server(b.uuid)]
+    assert views[0].migration.id == mig.id and views[2].migration is None
+    await ctl.wait_migration(mig.id)
