@@ -101,6 +101,50 @@ def _flag(value: str | None) -> bool | None:
     return value.strip().lower() in ("true", "1", "yes", "on")
 
 
+class ServerLookups:
+    """Lookups of one server each, made by concurrent requests, sent to the cluster as
+    one `servers_of` call: while a call is in flight, the lookups that arrive wait for
+    the next one. A lookup never joins a call that was sent before it arrived, so it
+    sees every change acknowledged before it (a resize's 202, then RESIZE)."""
+
+    MAX_BATCH = 512
+
+    def __init__(self, api: "Api"):
+        self.api = api
+        self.waiting: dict[str, list[asyncio.Future]] = {}
+        self.draining = False
+
+    async def get(self, uuid: str):
+        """The server's view, or None if the cluster has no instance of that uuid."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(uuid, []).append(future)
+        if not self.draining:
+            self.draining = True
+            asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                uuids = list(self.waiting)[:self.MAX_BATCH]
+                batch = {u: self.waiting.pop(u) for u in uuids}
+                try:
+                    views = await self.api.call(self.api.cluster.servers_of, uuids)
+                except Exception as exc:      # handed to each waiting request
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+                assert len(views) == len(uuids), (len(views), len(uuids))
+                for u, view in zip(uuids, views):
+                    for f in batch[u]:
+                        if not f.done():
+                            f.set_result(view)
+        finally:
+            self.draining = False
+
+
 class Api:
     def __init__(self, cfg, cluster, tokens: auth.Tokens | None = None,
                  public_url: str = "", threads: int = 64):
@@ -116,6 +160,7 @@ class Api:
         # once after this process changed them).
         self._flavors: tuple[float, list] | None = None
         self._hosts_up: tuple[float, dict] | None = None
+        self.lookups = ServerLookups(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -198,11 +243,8 @@ class Api:
         """The server named by the path, or 404; checks the caller may `rule` it."""
         if not _is_uuid(server_id):
             raise not_found(f"Instance {server_id} could not be found.")
-        try:
-            view = await self.call(self.cluster.server, server_id)
-        except ApiError:
-            raise not_found(f"Instance {server_id} could not be found.") from None
-        if view.instance.deleted:
+        view = await self.lookups.get(server_id)
+        if view is None or view.instance.deleted:
             raise not_found(f"Instance {server_id} could not be found.")
         auth.authorize(ctx.caller, rule, view.project or ctx.default_project)
         return view

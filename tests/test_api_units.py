@@ -1,7 +1,9 @@
 """The compute API's pure parts: cluster.yaml's api section, microversions, tokens and
-Nova's default policy, and the server view's status while a resize waits to be
-claimed."""
+Nova's default policy, the server view's status while a resize waits to be claimed,
+and concurrent server lookups sharing a round trip."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -112,3 +114,47 @@ def test_a_resize_not_yet_claimed_shows_resize():
     task = views.task_state(inst, mig)
     assert (task, views.status(inst, task)) == ("resize_prep", "RESIZE")
     assert views.status(inst, views.task_state(inst, None)) == "ACTIVE"
+
+
+class _SlowViews:
+    """A cluster whose `servers_of` answers from `state` as it was when called, and
+    returns only once `release` is set: a round trip held in flight."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.calls: list[list[str]] = []
+        self.release = asyncio.Event()
+
+    async def call(self, fn, *args):
+        return await fn(*args)
+
+    async def servers_of(self, uuids: list[str]):
+        self.calls.append(list(uuids))
+        seen = [self.state.get(u) for u in uuids]
+        await self.release.wait()
+        return seen
+
+
+def test_concurrent_server_lookups_share_a_round_trip_and_never_join_an_earlier_one():
+    from vmresize.api.app import ServerLookups
+
+    async def scenario():
+        cluster = _SlowViews({"a": "ACTIVE"})
+        api = type("Api", (), {"cluster": cluster, "call": staticmethod(cluster.call)})
+        lookups = ServerLookups(api)
+        first = asyncio.ensure_future(lookups.get("a"))
+        for _ in range(10):                    # until the first round trip is in flight
+            if cluster.calls:
+                break
+            await asyncio.sleep(0)
+        assert cluster.calls == [["a"]]
+        cluster.state["a"] = "RESIZE"          # acknowledged while it is
+        later = [asyncio.ensure_future(lookups.get(u)) for u in ("a", "b", "a")]
+        await asyncio.sleep(0)
+        cluster.release.set()
+        return await first, await asyncio.gather(*later), cluster.calls
+
+    first, later, calls = asyncio.run(scenario())
+    assert first == "ACTIVE"
+    assert later == ["RESIZE", None, "RESIZE"]
+    assert calls == [["a"], ["a", "b"]]
