@@ -79,11 +79,15 @@ def start_head(resources: dict[str, float], timeout_s: float = 600) -> dict:
 
 def _ray_start(resources: dict[str, float], timeout_s: float):
     """(port, the finished `ray start`, or None if it ran past `timeout_s`)."""
-    # (No ray-client-server-port: the client server needs `ray[client]`, and we do
-    # not use it.)
-    options = ("dashboard-agent-grpc-port",
+    options = ["dashboard-agent-grpc-port", "dashboard-port",
                "dashboard-agent-listen-port", "metrics-export-port",
-               "node-manager-port", "object-manager-port", "runtime-env-agent-port")
+               "node-manager-port", "object-manager-port", "runtime-env-agent-port"]
+    # Ray starts its client server on 10001 whenever the client's dependencies are
+    # installed (the test clients bring them): a second head on the machine then
+    # collides with the first. Without them, giving the port is an error.
+    from ray._private.utils import get_ray_client_dependency_error
+    if get_ray_client_dependency_error() is None:
+        options.append("ray-client-server-port")
     port, *others = free_ports(1 + len(options))
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--disable-usage-stats",
