@@ -22,7 +22,8 @@ from pathlib import Path
 import ray
 
 from vmresize.config import ClusterConfig, load
-from vmresize.actors.controller import HostInfo, OperationError
+from vmresize.actors.controller import FlavorInfo, HostInfo, OperationError, ServerView
+from vmresize.events.schema import Flavor, OwnerRecorded
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)
 from vmresize.projections.audit import AuditReport, audit
@@ -139,9 +140,9 @@ class Cluster:
         cluster.host_handles = hosts    # actors that are not detached live while referenced
         return cluster
 
-    def _start_instance(self, name: str) -> Instance:
+    def _start_instance(self, name: str, *, request_id: str | None = None) -> Instance:
         """Power the instance on (a running one: nothing to do)."""
-        return self._call("act", name, "start")
+        return self._call("act", name, "start", request_id=request_id)
 
     start = _ClassOrInstance(classmethod(_start_cluster), _start_instance)
 
@@ -172,7 +173,8 @@ class Cluster:
 
     def _call(self, method: str, *args, **kw):
         # A request id chosen here makes Ray's retries (at-least-once) harmless.
-        kw.setdefault("request_id", str(uuid.uuid4()))
+        if kw.get("request_id") is None:
+            kw["request_id"] = str(uuid.uuid4())
         return self._unwrap(ray.get(self.controller.call.remote(method, *args, **kw)))
 
     def _query(self, what: str, *args):
@@ -180,29 +182,55 @@ class Cluster:
 
     # ------------------------------------------------------------------ intents
 
+    # `request_id`: the caller's id for the request (the compute API passes its HTTP
+    # request id); it is logged with the request and dedupes a repeated call.
+
     def boot(self, name: str, flavor: str, host: str | None = None,
-             stopped: bool = False) -> Instance:
-        return self._call("boot", name, flavor, host, stopped)
+             stopped: bool = False, *, request_id: str | None = None,
+             project_id: str = "", user_id: str = "", image_id: str = "") -> Instance:
+        """Boot; `project_id`, `user_id`, `image_id` (the compute API's caller and
+        image) are logged with the request when given."""
+        owner = None
+        if project_id or user_id or image_id:
+            owner = OwnerRecorded(request_id="", instance_uuid="", project_id=project_id,
+                                  user_id=user_id, image_id=image_id)
+        return self._call("boot", name, flavor, host, stopped, request_id=request_id,
+                          owner=owner)
 
-    def resize(self, name: str, flavor: str, host: str | None = None) -> MigrationHandle:
-        return MigrationHandle(self, self._call("resize", name, flavor, host, wait=False))
+    def resize(self, name: str, flavor: str, host: str | None = None, *,
+               request_id: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, flavor, host, wait=False,
+                                                request_id=request_id))
 
-    def migrate(self, name: str, host: str | None = None) -> MigrationHandle:
-        return MigrationHandle(self, self._call("resize", name, None, host, wait=False))
+    def migrate(self, name: str, host: str | None = None, *,
+                request_id: str | None = None) -> MigrationHandle:
+        return MigrationHandle(self, self._call("resize", name, None, host, wait=False,
+                                                request_id=request_id))
 
-    def confirm(self, name: str) -> Migration:
-        return self._call("confirm", name)
+    def confirm(self, name: str, *, request_id: str | None = None) -> Migration:
+        return self._call("confirm", name, request_id=request_id)
 
-    def revert(self, name: str) -> Migration:
-        return self._call("revert", name)
+    def revert(self, name: str, *, request_id: str | None = None) -> Migration:
+        return self._call("revert", name, request_id=request_id)
 
-    def reboot(self, name: str, hard: bool = False) -> Instance:
-        return self._call("act", name, "reboot", hard)
+    def create_flavor(self, flavor: Flavor, flavor_id: str | None = None, *,
+                      is_public: bool = True, description: str = "",
+                      request_id: str | None = None) -> FlavorInfo:
+        """Add a flavor (logged by the controller, so it outlives `down` / `up`)."""
+        return self._call("create_flavor", flavor, flavor_id, is_public, description,
+                          request_id=request_id)
 
-    def delete(self, name: str) -> Instance:
+    def delete_flavor(self, flavor_id: str, *, request_id: str | None = None) -> None:
+        return self._call("delete_flavor", flavor_id, request_id=request_id)
+
+    def reboot(self, name: str, hard: bool = False, *,
+               request_id: str | None = None) -> Instance:
+        return self._call("act", name, "reboot", hard, request_id=request_id)
+
+    def delete(self, name: str, *, request_id: str | None = None) -> Instance:
         """Delete; a resize in VERIFY_RESIZE is confirmed first, one under way is rolled
         back first, so nothing stays held anywhere."""
-        return self._call("act", name, "delete")
+        return self._call("act", name, "delete", request_id=request_id)
 
     # ------------------------------------------------------------------ views
 
@@ -217,6 +245,23 @@ class Cluster:
 
     def hosts(self) -> list[HostInfo]:
         return self._query("hosts")
+
+    def server(self, uuid: str) -> ServerView:
+        """An instance by uuid (deleted ones too) with its open migration, owner,
+        image and times."""
+        return self._query("server", uuid)
+
+    def servers_of(self, uuids: list[str]) -> list[ServerView | None]:
+        """`server` of each uuid in one round trip; None for an unknown uuid."""
+        return self._query("servers_of", list(uuids))
+
+    def servers(self, deleted: bool = False) -> list[ServerView]:
+        """Every instance (or every deleted one) as `server` shows it."""
+        return self._query("servers", deleted)
+
+    def flavors(self) -> list[FlavorInfo]:
+        """cluster.yaml's flavors and those created since, with their ids."""
+        return self._query("flavors")
 
     def round_trips(self) -> int:
         return self._query("round_trips")
@@ -238,11 +283,12 @@ class Cluster:
         """Audit the logs offline; every host of the cluster must have one."""
         return audit(self.cfg.state_dir, as_of, [h.name for h in self.cfg.hosts])
 
-    def stop(self, name: str | None = None) -> Instance | None:
+    def stop(self, name: str | None = None, *,
+             request_id: str | None = None) -> Instance | None:
         """`stop(name)` powers an instance off (clean shutdown, then hard); `stop()`
         stops the actors this object started and the Ray it started."""
         if name is not None:
-            return self._call("act", name, "stop")
+            return self._call("act", name, "stop", request_id=request_id)
         if self.owns_actors:
             stop_actors(self.cfg, self.namespace)
         if self.owns_ray and ray.is_initialized():

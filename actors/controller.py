@@ -81,6 +81,29 @@ class HostInfo(msgspec.Struct, frozen=True):
     limit: Resources = ev.ZERO
 
 
+class FlavorInfo(msgspec.Struct, frozen=True):
+    """A flavor with its id, as the compute API shows it; `deleted` ones are kept so
+    that instances booted with them still name them."""
+    id: str
+    flavor: Flavor
+    is_public: bool = True
+    description: str = ""
+    deleted: bool = False
+
+
+class ServerView(msgspec.Struct, frozen=True):
+    """An instance as the compute API shows it: with its open migration (a resize no
+    host has claimed yet shows there first), who booted it, from which image, and
+    when it was created and last changed."""
+    instance: Instance
+    migration: Migration | None = None
+    project: str = ""
+    user: str = ""
+    image_id: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
 class HostEntry(msgspec.Struct, frozen=True):
     name: str
     driver: str
@@ -99,7 +122,11 @@ class Controller:
         self.log = log
         self.transport = transport
         self.hosts = {h.name: h for h in hosts}
-        self.flavors = flavors
+        self.flavors = dict(flavors)
+        # cluster.yaml's flavors are numbered in file order (Nova's m1.* ids 1-5);
+        # flavors created later carry their id in their event.
+        self.flavor_infos = {name: FlavorInfo(str(i + 1), f)
+                             for i, (name, f) in enumerate(flavors.items())}
         self.opt = options
         self.clock = clock
         self.sleep = sleep
@@ -121,6 +148,9 @@ class Controller:
         self.open_deletes: dict[str, Request] = {}     # instance uuid -> open delete
         self.open_boots: dict[str, Request] = {}       # instance uuid -> open boot
         self.names: dict[str, str] = {}                 # instance name -> uuid
+        self.owners: dict[str, ev.OwnerRecorded] = {}   # instance uuid -> owner, image
+        self.created: dict[str, float] = {}             # instance uuid -> boot requested
+        self.touched: dict[str, float] = {}             # instance uuid -> last change
         self.booting: set[str] = set()                  # names of boots not yet ended
         self._free_cache: dict[str, tuple] = {}
         self.tasks: dict[str, asyncio.Future] = {}
@@ -136,6 +166,7 @@ class Controller:
         e = env.event
         t = type(e)
         if t is ev.BootRequested:
+            self.created[e.instance_uuid] = env.wall_time
             self.booting.add(e.name)
             r = self.requests[e.request_id] = Request(
                 e.request_id, "boot", e.instance_uuid, name=e.name, flavor=e.flavor,
@@ -177,6 +208,17 @@ class Controller:
             r.answers = {}
             self.tasks.pop(r.request_id, None)
             self._forget_requests(r.request_id)
+        elif t is ev.OwnerRecorded:
+            self.owners[e.instance_uuid] = e
+        elif t is ev.FlavorCreated:
+            self.flavors[e.flavor.name] = e.flavor
+            self.flavor_infos[e.flavor.name] = FlavorInfo(e.flavor_id, e.flavor,
+                                                          e.is_public, e.description)
+        elif t is ev.FlavorDeleted:
+            self.flavors.pop(e.name, None)
+            info = self.flavor_infos.get(e.name)
+            if info is not None:
+                self.flavor_infos[e.name] = msgspec.structs.replace(info, deleted=True)
 
     def _forget_requests(self, ended_id: str) -> None:
         """Keep the last `retain_requests` ended requests (their answers make a repeated
@@ -187,7 +229,7 @@ class Controller:
             if old is not None and self.by_migration.get(old.migration_id) is old:
                 del self.by_migration[old.migration_id]
 
-    async def _log(self, event) -> None:
+    async def _log(self, *events) -> None:
         envs = []
 
         def stamp(offset, event):
@@ -195,7 +237,7 @@ class Controller:
             envs.append(env)
             return encode(env)
 
-        await self.log.append_async([event], stamp)
+        await self.log.append_async(list(events), stamp)
         for env in envs:
             self._record(env)
 
@@ -217,6 +259,9 @@ class Controller:
             if mid and not was_final and self._is_final(mid):
                 self._forget_migrations(mid)
             self._learned += 1
+            uuid = getattr(env.event, "instance_uuid", None)
+            if uuid:
+                self.touched[uuid] = env.wall_time
             if type(env.event) is ev.SpawnStarted:
                 self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
@@ -404,6 +449,61 @@ class Controller:
         return sorted((i for i in self.view.instances.values() if not i.deleted),
                       key=lambda i: i.name)
 
+    def _server_view(self, inst: Instance) -> ServerView:
+        owner = self.owners.get(inst.uuid)
+        created = self.created.get(inst.uuid, 0.0)
+        return ServerView(inst, self.open_migration_of(inst.uuid),
+                          owner.project_id if owner else "", owner.user_id if owner else "",
+                          owner.image_id if owner else "", created,
+                          max(created, self.touched.get(inst.uuid, 0.0)))
+
+    def server(self, uuid: str) -> ServerView:
+        """An instance by uuid (deleted ones too) as the compute API shows it."""
+        inst = self.view.instances.get(uuid)
+        if inst is None:
+            raise OperationError(f"no instance with uuid {uuid!r}")
+        return self._server_view(inst)
+
+    def servers_of(self, uuids: list[str]) -> list[ServerView | None]:
+        """`server` of each uuid in one call (None for an unknown one): the compute
+        API's concurrent lookups, batched."""
+        return [self._server_view(i) if (i := self.view.instances.get(u)) is not None
+                else None for u in uuids]
+
+    def servers(self, deleted: bool = False) -> list[ServerView]:
+        return [self._server_view(i)
+                for i in sorted(self.view.instances.values(), key=lambda i: i.name)
+                if i.deleted == deleted]
+
+    def flavor_list(self) -> list[FlavorInfo]:
+        """Every flavor with its id, deleted ones included (marked)."""
+        return list(self.flavor_infos.values())
+
+    async def create_flavor(self, flavor: Flavor, flavor_id: str | None = None,
+                            is_public: bool = True, description: str = "",
+                            request_id: str | None = None) -> FlavorInfo:
+        request_id = request_id or self.new_id()
+        if flavor.name in self.flavors:
+            raise OperationError(f"a flavor named {flavor.name!r} already exists")
+        ids = {i.id for i in self.flavor_infos.values() if not i.deleted}
+        if flavor_id is None:
+            numbers = [int(i.id) for i in self.flavor_infos.values() if i.id.isdigit()]
+            flavor_id = str(max(numbers, default=0) + 1)
+        elif flavor_id in ids:
+            raise OperationError(f"a flavor with id {flavor_id!r} already exists")
+        await self._log(ev.FlavorCreated(request_id=request_id, flavor=flavor,
+                                         flavor_id=flavor_id, is_public=is_public,
+                                         description=description))
+        return self.flavor_infos[flavor.name]
+
+    async def delete_flavor(self, flavor_id: str, request_id: str | None = None) -> None:
+        for name, info in self.flavor_infos.items():
+            if info.id == flavor_id and not info.deleted:
+                await self._log(ev.FlavorDeleted(request_id=request_id or self.new_id(),
+                                                 name=name, flavor_id=flavor_id))
+                return
+        raise OperationError(f"no flavor with id {flavor_id!r}")
+
     def host_infos(self) -> list[HostInfo]:
         out = []
         for name, h in sorted(self.hosts.items()):
@@ -457,7 +557,9 @@ class Controller:
                                  f"{', '.join(sorted(self.hosts))})")
 
     async def boot(self, name: str, flavor: str, host: str | None = None,
-                   stopped: bool = False, request_id: str | None = None) -> Instance:
+                   stopped: bool = False, request_id: str | None = None,
+                   owner: ev.OwnerRecorded | None = None) -> Instance:
+        """`owner` (the compute API's caller and image) is logged with the request."""
         request_id = request_id or self.new_id()
         if request_id not in self.requests:
             self._flavor(flavor)
@@ -468,10 +570,14 @@ class Controller:
                 live = None
             if live is not None or name in self.booting:
                 raise OperationError(f"an instance named {name!r} already exists")
-            await self._log(ev.BootRequested(request_id=request_id,
-                                             instance_uuid=self.new_id(), name=name,
-                                             flavor=flavor, host=host or "",
-                                             stopped=stopped))
+            uuid = self.new_id()
+            boot = ev.BootRequested(request_id=request_id, instance_uuid=uuid, name=name,
+                                    flavor=flavor, host=host or "", stopped=stopped)
+            if owner is None:
+                await self._log(boot)
+            else:
+                await self._log(boot, msgspec.structs.replace(
+                    owner, request_id=request_id, instance_uuid=uuid))
         r = self.requests[request_id]
         await self._wait(self._drive(r))
         if not r.ok:

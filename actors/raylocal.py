@@ -51,13 +51,43 @@ def session_of(port: int) -> str | None:
     return None
 
 
-def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
-    """`ray start --head` on a free port; returns {address, port, session}."""
-    # (No ray-client-server-port: the client server needs `ray[client]`, and we do
-    # not use it.)
-    options = ("dashboard-agent-grpc-port",
+# Ray gives its raylet a fixed 30 s to register with the GCS (ray/_private/node.py) and
+# fails `ray start` past it: on a loaded machine, a start-up that is only slow.
+_SLOW_START = "timed out during startup"
+
+
+def start_head(resources: dict[str, float], timeout_s: float = 600) -> dict:
+    """`ray start --head` on free ports; returns {address, port, session}. It returns
+    as soon as a head is up; one that failed only because Ray's own start-up bound ran
+    out is stopped and started again, until `timeout_s` (a bound for a machine so loaded
+    that nothing starts: `ray start` was seen taking over 120 s at a load average of 85)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        port, proc = _ray_start(resources, max(1.0, deadline - time.monotonic()))
+        if proc is not None and proc.returncode == 0:
+            return {"address": f"127.0.0.1:{port}", "port": port,
+                    "session": session_of(port)}
+        stop_head(session_of(port), port)      # whatever the failed start left running
+        output = "" if proc is None else (proc.stderr or proc.stdout).strip()
+        if proc is not None and (_SLOW_START not in output
+                                 or time.monotonic() >= deadline):
+            tail = " ".join(output.splitlines()[-3:])
+            raise RuntimeError(f"`ray start --head` failed ({proc.returncode}): {tail}")
+        if proc is None:
+            raise RuntimeError(f"`ray start --head` did not return within {timeout_s} s")
+
+
+def _ray_start(resources: dict[str, float], timeout_s: float):
+    """(port, the finished `ray start`, or None if it ran past `timeout_s`)."""
+    options = ["dashboard-agent-grpc-port", "dashboard-port",
                "dashboard-agent-listen-port", "metrics-export-port",
-               "node-manager-port", "object-manager-port", "runtime-env-agent-port")
+               "node-manager-port", "object-manager-port", "runtime-env-agent-port"]
+    # Ray starts its client server on 10001 whenever the client's dependencies are
+    # installed (the test clients bring them): a second head on the machine then
+    # collides with the first. Without them, giving the port is an error.
+    from ray._private.utils import get_ray_client_dependency_error
+    if get_ray_client_dependency_error() is None:
+        options.append("ray-client-server-port")
     port, *others = free_ports(1 + len(options))
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--disable-usage-stats",
@@ -68,12 +98,11 @@ def start_head(resources: dict[str, float], timeout_s: float = 120) -> dict:
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"`ray start --head` failed ({proc.returncode}): {tail}")
-    return {"address": f"127.0.0.1:{port}", "port": port, "session": session_of(port)}
+    try:
+        return port, subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                    env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return port, None
 
 
 def _environ_has(pid: int, entry: bytes) -> bool:

@@ -231,6 +231,14 @@ class ControllerActor:
                 return Outcome(True, ctl.host_infos())
             if what == "round_trips":
                 return Outcome(True, ctl.round_trips)
+            if what == "server":
+                return Outcome(True, ctl.server(args[0]))
+            if what == "servers":
+                return Outcome(True, ctl.servers(*args))
+            if what == "servers_of":
+                return Outcome(True, ctl.servers_of(*args))
+            if what == "flavors":
+                return Outcome(True, ctl.flavor_list())
         except OperationError as exc:
             return Outcome(False, error=str(exc))
         raise ValueError(f"unknown query {what!r}")

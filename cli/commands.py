@@ -50,7 +50,7 @@ def cmd_up(args, out: Out) -> int:
     if meta is not None:
         try:
             cluster = Cluster.connect(cfg, args.ray_address)
-            _print_hosts(out, cluster.hosts(), "already up")
+            _print_up(out, cluster, meta, "already up")
             return EXIT_OK
         except NoCluster:
             pass     # a stale record of an earlier `up`; start afresh
@@ -72,8 +72,37 @@ def cmd_up(args, out: Out) -> int:
     write_meta(cfg.state_dir, meta)
     cluster = Cluster.start(cfg, ray_address=meta["address"], detached=True)
     cluster.owns_actors = False
-    _print_hosts(out, cluster.hosts(), f"up at {meta['address']}")
+    meta["api_url"], meta["api_runtime"] = _start_api(cfg, meta["namespace"])
+    write_meta(cfg.state_dir, meta)
+    _print_up(out, cluster, meta)
     return EXIT_OK
+
+
+def _print_up(out: Out, cluster, meta: dict, title: str = "up") -> None:
+    from vmresize.cli.main import host_doc
+    hosts = cluster.hosts()
+    if out.json:
+        out.doc({"address": meta.get("address"), "api_url": meta.get("api_url"),
+                 "hosts": [host_doc(h) for h in hosts]})
+        return
+    _print_hosts(out, hosts, f"{title} at {meta.get('address')}")
+    if meta.get("api_url"):
+        out.line(f"compute API at {meta['api_url']} (`vmresize clouds-yaml` prints the "
+                 f"clouds.yaml entry)")
+
+
+def _start_api(cfg, namespace: str) -> tuple[str | None, str | None]:
+    """Start the compute API unless api.listen is empty; a failure to start it is a
+    warning (the cluster is up and usable without it)."""
+    if not cfg.api.listen:
+        return None, None
+    from vmresize.api import service
+    try:
+        return service.start(cfg, namespace, cfg.api.listen, cfg.api.runtime), \
+            cfg.api.runtime
+    except service.ApiStartError as exc:
+        sys.stderr.write(f"vmresize: warning: the compute API is off: {exc}\n")
+        return None, None
 
 
 def cmd_down(args, out: Out) -> int:
@@ -92,6 +121,9 @@ def cmd_down(args, out: Out) -> int:
     stopped = 0
     try:
         _init_ray(meta["address"], meta.get("namespace", ""))
+        if meta.get("api_runtime"):
+            from vmresize.api import service
+            service.stop(meta.get("namespace", ""), meta["api_runtime"])
         stopped = stop_actors(cfg, meta.get("namespace", ""))
         ray.shutdown()
     except (ConnectionError, RuntimeError, ValueError):
@@ -304,6 +336,8 @@ def cmd_events(args, out: Out) -> int:
                        f"{', '.join(readers)})", EXIT_BAD_INPUT)
     if args.host:
         readers = {args.host: readers[args.host]}
+    if args.request:
+        return _print_request(out, state, readers, args.request)
     names = _instance_names(readers) if args.instance else {}
     if args.instance and args.instance not in names.values():
         raise CliError(f"--instance: no events for instance {args.instance!r}",
@@ -318,6 +352,32 @@ def cmd_events(args, out: Out) -> int:
         raise CliError(f"corrupt log: {exc}", EXIT_BAD_INPUT) from None
     except (KeyboardInterrupt, BrokenPipeError):
         pass
+    return EXIT_OK
+
+
+def _print_request(out, state, readers, request_id: str) -> int:
+    """`events --request ID`: the controller's records of that request, then the host
+    events of its instance while it ran."""
+    from vmresize.api.actions import request_records
+    try:
+        records, uuid, start, end = request_records(state, request_id)
+    except CorruptLog as exc:
+        raise CliError(f"corrupt log: {exc}", EXIT_BAD_INPUT) from None
+    if not records:
+        raise CliError(f"--request: no request {request_id!r} in the controller's log",
+                       EXIT_BAD_INPUT)
+    envs = list(records)
+    for r in readers.values():
+        envs += [env for env in r.envelopes()
+                 if getattr(env.event, "instance_uuid", None) == uuid
+                 and start <= env.wall_time <= end]
+    envs.sort(key=lambda env: (env.wall_time, env.host, env.offset))
+    for env in envs:
+        if out.json:
+            sys.stdout.write(msgspec.json.encode(_event_doc(env)).decode() + "\n")
+        else:
+            out.line(f"{iso(env.wall_time)} {env.host}:{env.offset} "
+                     f"[bold]{type(env.event).__name__}[/]")
     return EXIT_OK
 
 
@@ -352,6 +412,41 @@ def _print_events(out, readers, cursors, instance, names, refresh=False) -> None
                 out.line(f"{iso(env.wall_time)} {env.host}:{env.offset} "
                          f"[bold]{type(e).__name__}[/] {what}")
         sys.stdout.flush()
+
+
+def cmd_clouds_yaml(args, out: Out) -> int:
+    cfg = _config(args)
+    from vmresize.actors.api import read_meta
+    meta = read_meta(cfg.state_dir) or {}
+    url = meta.get("api_url")
+    if not url:
+        raise CliError(f"no compute API is up for {cfg.state_dir}; start one with "
+                       f"`vmresize up` (api.listen must not be empty)")
+    from vmresize.api.clouds import clouds_yaml
+    try:
+        text = clouds_yaml(cfg, url, args.user)
+    except KeyError as exc:
+        raise CliError(exc.args[0], EXIT_BAD_INPUT) from None
+    if out.json:
+        out.doc({"api_url": url, "clouds_yaml": text})
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_password_hash(args, out: Out) -> int:
+    import getpass
+    from vmresize.api.auth import hash_password
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
+        getpass.getpass("password: ")
+    if not password:
+        raise CliError("password: empty", EXIT_BAD_INPUT)
+    digest = hash_password(password)
+    if out.json:
+        out.doc({"password_hash": digest})
+    else:
+        sys.stdout.write(digest + "\n")
+    return EXIT_OK
 
 
 def cmd_simulate(args, out: Out) -> int:

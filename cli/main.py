@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from vmresize.config import ClusterConfig, ConfigError, load
+from vmresize.config import ClusterConfig, ConfigError, load, with_api_listen
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -119,6 +119,8 @@ COMMANDS = {
     "list": "list instances, migrations or hosts",
     "events": "print the logs (offline)",
     "audit": "check the invariants over the logs (offline, no cluster needed)",
+    "clouds-yaml": "print the clouds.yaml entry (cloud `vmresize`) for the running API",
+    "password-hash": "read a password on stdin, print its salted hash for api.users",
     "simulate": "run the deterministic simulator",
     "demo": "a local cluster of fake hosts: boot, resize, confirm, revert, stop, start, "
             "delete, a crash, an audit",
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["events"].add_argument("--instance", metavar="NAME")
     p["events"].add_argument("--from", dest="start", type=int, default=0, metavar="N")
     p["events"].add_argument("--follow", action="store_true")
+    p["events"].add_argument("--request", metavar="ID",
+                             help="the events one request caused (e.g. an HTTP "
+                                  "x-openstack-request-id)")
     p["audit"].add_argument(
         "--as-of", metavar="HOST:OFFSET|ISO-TIME",
         help="audit a consistent cut: that record and every record it depends on, or "
@@ -191,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a restarted host finishes its open steps with no resend")
     s.add_argument("--plot", metavar="FILE")
     p["demo"].add_argument("--keep", action="store_true", help="leave the state dir as is")
+    p["up"].add_argument("--api-listen", metavar="HOST:PORT",
+                         help="serve the compute API here (overrides api.listen; "
+                              "\"\" turns it off)")
+    p["clouds-yaml"].add_argument("--user", metavar="NAME",
+                                  help="with api.auth keystone: the user to write in")
     return parser
 
 
@@ -199,7 +209,11 @@ def _config(args, required: bool = True) -> ClusterConfig | None:
     if not args.config and not Path(path).exists() and not required:
         return None
     try:
-        return load(path, args.state_dir)
+        cfg = load(path, args.state_dir)
+        listen = getattr(args, "api_listen", None)
+        if listen is not None:
+            cfg = with_api_listen(cfg, listen)
+        return cfg
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
 
@@ -222,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_BAD_INPUT
         from vmresize.cli import commands as cli_commands
-        return getattr(cli_commands, "cmd_" + args.command)(args, Out(args.json))
+        handler = getattr(cli_commands, "cmd_" + args.command.replace("-", "_"))
+        return handler(args, Out(args.json))
     except CliError as exc:
         _error(str(exc))
         return exc.code

@@ -77,6 +77,42 @@ class HostSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return Resources(self.vcpus, self.memory_mb, self.disk_gb)
 
 
+class UserSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A user of the compute API under `auth: keystone`; `password_hash` is what
+    `vmresize password-hash` prints (scrypt, salted)."""
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    password_hash: Annotated[str, msgspec.Meta(pattern=r"^scrypt\$")]
+    roles: list[Literal["admin", "member", "reader", "manager"]] = msgspec.field(
+        default_factory=lambda: ["member"])
+    project: Annotated[str, msgspec.Meta(min_length=1)] = "default"
+
+
+class ApiSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The Nova-compatible compute API that `up` serves (DESIGN §7, Compute API)."""
+    listen: str = "127.0.0.1:8774"       # HOST:PORT; "" turns the API off
+    auth: Literal["none", "keystone"] = "none"
+    users: list[UserSpec] = []
+    token_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600
+    replicas: Count = 1                  # Ray Serve replicas of the ingress deployment
+    # "actor": uvicorn in one detached Ray actor (the default: no proxy hop, see the
+    # README's figures); "serve": Ray Serve's proxy and `replicas` replicas.
+    runtime: Literal["serve", "actor"] = "actor"
+
+
+class ImageSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An image the compute API lists (read-only); `id` defaults to a UUID derived from
+    the name, so it is the same on every start."""
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    id: str = ""
+    disk_format: str = "qcow2"
+    min_disk_gb: NonNeg = 0
+    min_ram_mb: NonNeg = 0
+    size_bytes: NonNeg = 0
+
+
+DEFAULT_IMAGES = [ImageSpec(name="cirros")]
+
+
 class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hosts: list[HostSpec]
     flavors: dict[str, FlavorSpec]
@@ -86,6 +122,8 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reserved: Reserved = Reserved()
     ray_namespace: str = ""              # default: derived from the state directory
     path: str = ""                       # the file this came from (set by `load`)
+    api: ApiSpec = ApiSpec()
+    images: list[ImageSpec] = msgspec.field(default_factory=lambda: list(DEFAULT_IMAGES))
 
     def flavor(self, name: str) -> Flavor:
         spec = self.flavors[name]
@@ -184,6 +222,48 @@ def _check(cfg: ClusterConfig, source: str) -> None:
                               f"({limit})")
     if not cfg.flavors:
         raise ConfigError(f"{source}: flavors: at least one flavor is needed")
+    _check_api(cfg, source)
+
+
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as "[::1]:PORT") -> (host, port); ValueError saying why."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected a port 1-65535, got {port!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_api(cfg: ClusterConfig, source: str) -> None:
+    api = cfg.api
+    if api.listen:
+        try:
+            host, _ = split_listen(api.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: api.listen: {exc}") from None
+        if api.auth == "none" and not host.startswith(LOOPBACK):
+            raise ConfigError(f"{source}: api.listen: {api.listen!r} is not a loopback "
+                              f"address; with api.auth none the API listens on loopback "
+                              f"only (set api.auth: keystone to serve other addresses)")
+    seen: dict[str, int] = {}
+    for i, u in enumerate(api.users):
+        if u.name in seen:
+            raise ConfigError(f"{source}: api.users[{i}].name: {u.name!r} is also "
+                              f"api.users[{seen[u.name]}].name; names must be unique")
+        seen[u.name] = i
+    if api.auth == "keystone" and not api.users:
+        raise ConfigError(f"{source}: api.users: at least one user is needed with "
+                          f"api.auth keystone")
+    names: dict[str, int] = {}
+    for i, img in enumerate(cfg.images):
+        if img.name in names:
+            raise ConfigError(f"{source}: images[{i}].name: {img.name!r} is also "
+                              f"images[{names[img.name]}].name; names must be unique")
+        names[img.name] = i
 
 
 DEFAULT_YAML = """
@@ -223,3 +303,13 @@ def load(path: str | Path, state_dir: str | None = None) -> ClusterConfig:
              if h.instances_path else h for h in cfg.hosts]
     return msgspec.structs.replace(cfg, state_dir=str(state.resolve()), hosts=hosts,
                                    path=str(path.resolve()))
+
+
+def with_api_listen(cfg: ClusterConfig, listen: str) -> ClusterConfig:
+    """`up --api-listen`: the same checks as api.listen in the file."""
+    out = msgspec.structs.replace(cfg, api=msgspec.structs.replace(cfg.api, listen=listen))
+    try:
+        _check_api(out, "--api-listen")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--api-listen: api.listen", "--api-listen"))
+    return out

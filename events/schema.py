@@ -350,8 +350,32 @@ class ActionRequested(ControllerEventBase, frozen=True, tag="ActionRequested", k
     hard: bool = False
 
 
+class FlavorCreated(ControllerEventBase, frozen=True, tag="FlavorCreated", kw_only=True):
+    """A flavor added through the compute API (admin); it lives beside cluster.yaml's."""
+    flavor: Flavor
+    flavor_id: str
+    is_public: bool = True
+    description: str = ""
+
+
+class FlavorDeleted(ControllerEventBase, frozen=True, tag="FlavorDeleted", kw_only=True):
+    """A flavor removed through the compute API; instances that have it keep it."""
+    name: str
+    flavor_id: str = ""
+
+
+class OwnerRecorded(ControllerEventBase, frozen=True, tag="OwnerRecorded", kw_only=True):
+    """Who booted an instance through the compute API, and from which image: logged
+    with its `BootRequested`, in the same append."""
+    instance_uuid: str
+    project_id: str = ""
+    user_id: str = ""
+    image_id: str = ""
+
+
 ControllerEvent = (BootRequested | ResizeRequested | DestinationChosen | ConfirmRequested
-                   | RevertRequested | RequestEnded | ActionRequested)
+                   | RevertRequested | RequestEnded | ActionRequested | FlavorCreated
+                   | FlavorDeleted | OwnerRecorded)
 
 
 # --------------------------------------------------------------------------- envelope

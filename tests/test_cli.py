@@ -6,6 +6,7 @@ must exit 2 with one error line; one round trip runs on a real detached cluster 
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from polling import poll  # noqa: E402
+from vmresize.actors.raylocal import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "events" / "fixtures" / "v1"
@@ -348,15 +350,26 @@ def _poll(fn, timeout_s: float, interval_s: float = 0.2):
     return poll(fn, timeout_s, interval_s)
 
 
+def _http(port: int, method: str, path: str, body: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request(method, path, body=json.dumps(body).encode() if body else None,
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    return r.status, json.loads(payload) if payload else None
+
+
 def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_processes):
     config, state = tmp_path / "cluster.yaml", tmp_path / "state"
-    config.write_text(CLUSTER_YAML)
+    port = free_ports(1)[0]
+    config.write_text(CLUSTER_YAML + f'api: {{listen: "127.0.0.1:{port}"}}\n')
 
-    def cli(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
+    def cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         return vmresize("--config", str(config), "--state-dir", str(state), *args,
                         cwd=tmp_path, timeout_s=timeout_s)
 
-    def doc(*args: str, timeout_s: float = 90):
+    def doc(*args: str, timeout_s: float = 300):
         proc = cli("--json", *args, timeout_s=timeout_s)
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         return json.loads(proc.stdout)
@@ -364,7 +377,9 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
     up = False
     try:
         up = True
-        hosts = doc("up", timeout_s=180)
+        started = doc("up", timeout_s=600)
+        hosts = started["hosts"]
+        assert started["api_url"] == f"http://127.0.0.1:{port}/v2.1"
         ray_processes.record(state)
         assert sorted((h["name"], h["up"]) for h in hosts) == [("compute-1", True),
                                                                ("compute-2", True)]
@@ -376,7 +391,7 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         assert isinstance(mig["id"], str) and mig["instance_uuid"] == inst["uuid"]
 
         shown = _poll(lambda: (d := doc("show", "vm"))["status"] == "VERIFY_RESIZE" and d,
-                      timeout_s=60)
+                      timeout_s=300)
         assert (shown["host"], shown["flavor"]) == ("compute-2", "m1.medium")
         done = doc("confirm", "vm")
         assert (done["id"], done["status"]) == (mig["id"], "confirmed")
@@ -387,15 +402,26 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         assert (before["status"], before["power_state"]) == ("ACTIVE", 1)
         migrations = doc("list", "migrations")
         assert [(m["id"], m["status"]) for m in migrations] == [(mig["id"], "confirmed")]
+        # flavors made through the compute API are controller events: they outlive
+        # down / up (a deleted one stays deleted)
+        huge = {"flavor": {"name": "m1.huge", "ram": 1024, "vcpus": 2, "disk": 40,
+                           "id": "huge"}}
+        status, made = _http(port, "POST", "/v2.1/flavors", huge)
+        assert status == 200 and made["flavor"]["id"] == "huge", made
+        assert _http(port, "POST", "/v2.1/flavors", huge)[0] == 409
+        status, made = _http(port, "POST", "/v2.1/flavors", {"flavor": {
+            "name": "m1.gone", "ram": 1, "vcpus": 1, "disk": 1}})
+        gone_id = made["flavor"]["id"]
+        assert _http(port, "DELETE", f"/v2.1/flavors/{gone_id}")[0] == 202
 
-        assert cli("down", timeout_s=120).returncode == 0
+        assert cli("down", timeout_s=300).returncode == 0
         up = False
         ray_processes.after_down()
         gone = cli("show", "vm")
         assert gone.returncode == 1 and "vmresize up" in gone.stderr, gone.stderr
 
         up = True
-        doc("up", timeout_s=180)
+        doc("up", timeout_s=600)
         ray_processes.record(state)
         after = doc("show", "vm")
         keys = ("uuid", "status", "host", "flavor", "vm_state", "task_state", "power_state",
@@ -404,12 +430,17 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
         assert {h["name"]: (h["vcpus_used"], h["memory_mb_used"], h["disk_gb_used"])
                 for h in doc("list", "hosts")} == used
         assert doc("list", "migrations") == migrations
-        assert cli("down", timeout_s=120).returncode == 0
+        flavors = {f["name"]: f for f in _http(port, "GET", "/v2.1/flavors/detail")[1][
+            "flavors"]}
+        assert "m1.gone" not in flavors
+        assert (flavors["m1.huge"]["id"], flavors["m1.huge"]["ram"]) == ("huge", 1024)
+        assert _http(port, "GET", f"/v2.1/flavors/{gone_id}")[0] == 404
+        assert cli("down", timeout_s=300).returncode == 0
         up = False
         ray_processes.after_down()
     finally:
         if up:
-            cli("down", timeout_s=120)
+            cli("down", timeout_s=300)
             ray_processes.after_down()
 
     report = doc("audit")

@@ -1,0 +1,160 @@
+"""The compute API's pure parts: cluster.yaml's api section, microversions, tokens and
+Nova's default policy, the server view's status while a resize waits to be claimed,
+and concurrent server lookups sharing a round trip."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vmresize.api import auth, microversions, views
+from vmresize.api.errors import ApiError
+from vmresize.config import ConfigError, parse, with_api_listen
+from vmresize.events.schema import Flavor
+from vmresize.projections.state import Instance, Migration
+
+BASE = """
+flavors: {m1.small: {vcpus: 1, memory_mb: 2048, root_gb: 20}}
+hosts: [{name: compute-1, vcpus: 8, memory_mb: 16384, disk_gb: 400}]
+"""
+
+
+def test_api_section_defaults_to_loopback_without_auth():
+    cfg = parse(BASE)
+    assert (cfg.api.listen, cfg.api.auth, cfg.api.runtime) == ("127.0.0.1:8774", "none",
+                                                               "actor")
+    assert [i.name for i in cfg.images] == ["cirros"]
+
+
+@pytest.mark.parametrize("api, words", [
+    ('{listen: "0.0.0.0:8774"}', "api.listen: '0.0.0.0:8774' is not a loopback"),
+    ('{listen: "8774"}', "api.listen: expected HOST:PORT"),
+    ('{listen: "127.0.0.1:99999"}', "api.listen: expected a port 1-65535"),
+    ('{auth: keystone}', "api.users: at least one user"),
+    ('{auth: ldap}', "api.auth: invalid enum value 'ldap'"),
+    ('{users: [{name: a, password_hash: plain}]}', "api.users[0].password_hash"),
+    ('{users: [{name: a, password_hash: "scrypt$x", roles: [god]}]}',
+     "api.users[0].roles[0]"),
+    ('{colour: red}', "api: object contains unknown field colour"),
+])
+def test_bad_api_section_names_the_field(api, words):
+    with pytest.raises(ConfigError) as err:
+        parse(BASE + f"api: {api}\n")
+    assert words in str(err.value)
+
+
+def test_api_listen_override_is_checked_like_the_file():
+    cfg = parse(BASE)
+    assert with_api_listen(cfg, "").api.listen == ""
+    with pytest.raises(ConfigError, match="--api-listen: '10.0.0.1:80' is not a loopback"):
+        with_api_listen(cfg, "10.0.0.1:80")
+
+
+def test_microversion_headers():
+    assert microversions.requested({}) == (2, 1)
+    assert microversions.requested({"openstack-api-version": "compute 2.56"}) == (2, 56)
+    assert microversions.requested({"x-openstack-nova-api-version": "latest"}) == (2, 96)
+    with pytest.raises(microversions.VersionError) as err:
+        microversions.requested({"openstack-api-version": "compute 3.0"})
+    assert err.value.code == 406
+
+
+def test_tokens_carry_the_caller_and_refuse_forgery_and_expiry():
+    now = [1000.0]
+    users = [parse(BASE + "api: {auth: keystone, users: [{name: alice, password_hash: '"
+                   + auth.hash_password("s3cret") + "', roles: [member], "
+                   "project: demo}]}\n").api.users[0]]
+    tokens = auth.Tokens(auth.new_key(), users, 60, lambda: now[0])
+    caller = tokens.issue("alice", "s3cret", "demo")
+    assert (caller.user_name, caller.project_name, caller.roles) == (
+        "alice", "demo", ("member", "reader"))
+    token = tokens.encode(caller)
+    assert tokens.check(token) == caller
+    with pytest.raises(ApiError) as err:
+        tokens.issue("alice", "wrong", "demo")
+    assert err.value.code == 401
+    forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    for bad in (forged, "", None, "x.y"):
+        with pytest.raises(ApiError):
+            tokens.check(bad)
+    other = auth.Tokens(auth.new_key(), users, 60, lambda: now[0])
+    with pytest.raises(ApiError):
+        other.check(token)
+    now[0] += 61
+    with pytest.raises(ApiError):
+        tokens.check(token)
+
+
+def test_default_policy():
+    admin = auth.Caller("u0", "root", "p0", "admin", ("admin", "member", "reader"))
+    member = auth.Caller("u1", "alice", "p1", "demo", ("member", "reader"))
+    reader = auth.Caller("u2", "bob", "p1", "demo", ("reader",))
+    for rule in ("migrate", "os-migrations", "hypervisors", "services", "flavor-manage"):
+        auth.authorize(admin, rule)
+        with pytest.raises(ApiError) as err:
+            auth.authorize(member, rule)
+        assert err.value.code == 403
+    auth.authorize(member, "servers:resize", "p1")
+    auth.authorize(reader, "servers:show:read", "p1")
+    with pytest.raises(ApiError) as err:
+        auth.authorize(reader, "servers:resize", "p1")
+    assert err.value.code == 403
+    with pytest.raises(ApiError) as err:
+        auth.authorize(member, "servers:show:read", "p-other")
+    assert err.value.code == 404
+
+
+def test_a_resize_not_yet_claimed_shows_resize():
+    small = Flavor(name="m1.small", vcpus=1, memory_mb=2048, root_gb=20)
+    inst = Instance(uuid="u", name="vm", host="h1", flavor=small, vm_state="active",
+                    task_state=None, power_state=1, version=2)
+    mig = Migration(id="m", instance_uuid="u", source_compute="h1", dest_compute="",
+                    status="pre-migrating", migration_type="resize", old_flavor=small,
+                    new_flavor=small, created_at=0, updated_at=0)
+    task = views.task_state(inst, mig)
+    assert (task, views.status(inst, task)) == ("resize_prep", "RESIZE")
+    assert views.status(inst, views.task_state(inst, None)) == "ACTIVE"
+
+
+class _SlowViews:
+    """A cluster whose `servers_of` answers from `state` as it was when called, and
+    returns only once `release` is set: a round trip held in flight."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.calls: list[list[str]] = []
+        self.release = asyncio.Event()
+
+    async def call(self, fn, *args):
+        return await fn(*args)
+
+    async def servers_of(self, uuids: list[str]):
+        self.calls.append(list(uuids))
+        seen = [self.state.get(u) for u in uuids]
+        await self.release.wait()
+        return seen
+
+
+def test_concurrent_server_lookups_share_a_round_trip_and_never_join_an_earlier_one():
+    from vmresize.api.app import ServerLookups
+
+    async def scenario():
+        cluster = _SlowViews({"a": "ACTIVE"})
+        api = type("Api", (), {"cluster": cluster, "call": staticmethod(cluster.call)})
+        lookups = ServerLookups(api)
+        first = asyncio.ensure_future(lookups.get("a"))
+        for _ in range(10):                    # until the first round trip is in flight
+            if cluster.calls:
+                break
+            await asyncio.sleep(0)
+        assert cluster.calls == [["a"]]
+        cluster.state["a"] = "RESIZE"          # acknowledged while it is
+        later = [asyncio.ensure_future(lookups.get(u)) for u in ("a", "b", "a")]
+        await asyncio.sleep(0)
+        cluster.release.set()
+        return await first, await asyncio.gather(*later), cluster.calls
+
+    first, later, calls = asyncio.run(scenario())
+    assert first == "ACTIVE"
+    assert later == ["RESIZE", None, "RESIZE"]
+    assert calls == [["a"], ["a", "b"]]
