@@ -25,7 +25,8 @@ from vmresize.config import ClusterConfig, load
 from vmresize.actors.controller import HostInfo, OperationError
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)
-from vmresize.projections.audit import AuditReport, audit
+from vmresize.offline.audit import audit
+from vmresize.projections.audit import AuditReport
 from vmresize.projections.state import Instance, Migration
 
 META_FILE = "ray-meta.json"

@@ -28,7 +28,7 @@ from vmresize.events import schema as ev
 from vmresize.events.codec import decode_host, encode
 from vmresize.events.log import SegmentLog
 from vmresize.events.store import HostLogReader, open_host_logs
-from vmresize.projections.audit import audit
+from vmresize.offline.audit import audit
 from vmresize.projections.fold import fold
 
 SMALL = ev.Flavor("m1.small", 1, 2048, 20)

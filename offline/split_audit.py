@@ -1,6 +1,6 @@
 """The offline audit on two processes, with the same report as on one.
 
-A checker's two sides need different orders (see `audit._Checker`): the host side
+A checker's two sides need different orders (see `projections.audit._Checker`): the host side
 (ledgers, invariant 1) each host's records in offset order, the instance side
 (instances, migrations, invariants 2 and 3) the merged order of all hosts. So a helper
 process reads every host log (framing, CRC, decode, offsets), folds the ledgers and
@@ -181,7 +181,7 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
 def _start_helper() -> tuple[subprocess.Popen, Connection, Connection]:
     to_helper, from_helper = os.pipe(), os.pipe()
     helper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from vmresize.projections.split_audit import "
+        [sys.executable, "-c", "import sys; from vmresize.offline.split_audit import "
          "_helper_main; _helper_main(int(sys.argv[1]), int(sys.argv[2]))",
          str(to_helper[0]), str(from_helper[1])],
         pass_fds=(to_helper[0], from_helper[1]), stdin=subprocess.DEVNULL)
