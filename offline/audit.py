@@ -23,11 +23,12 @@ def audit(state_dir, as_of: str | None = None, expected_hosts: Iterable[str] | N
           processes: int | None = None) -> AuditReport:
     """Audit a state directory with no cluster running. `as_of`: see
     `projections.audit.parse_as_of`; `expected_hosts`: the cluster's hosts, each of
-    which must have a log with records in it (a cut by `as_of` never makes a log empty). `processes`: 1, or 2 to split the
-    work with a helper process (see split_audit; a cut `as_of` runs on one); by default
-    2 when there are two cores and enough log to gain from it. The report is the same
-    either way. Raises ValueError (a bad `as_of` or `processes`), CorruptLog (a bad
-    record before the tail) and LogError (no host logs)."""
+    which must have a log with records in it (a cut by `as_of` never makes a log
+    empty). `processes`: 1, or 2 to split the work with a helper process (see
+    split_audit; a cut `as_of` runs on one); by default 2 when there are two cores and
+    enough log to gain from it. The report is the same either way. Raises ValueError
+    (a bad `as_of` or `processes`), CorruptLog (a bad record before the tail) and
+    LogError (no host logs)."""
     cut_at = parse_as_of(as_of)
     if processes not in (None, 1, 2):
         raise ValueError(f"processes: expected 1 or 2, got {processes!r}")
