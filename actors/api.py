@@ -26,7 +26,8 @@ from vmresize.actors.controller import FlavorInfo, HostInfo, OperationError, Ser
 from vmresize.events.schema import Flavor, OwnerRecorded
 from vmresize.actors.runtime import (CONTROLLER_NAME, HOST_PREFIX, namespace_for,
                                      start_actors, stop_actors)
-from vmresize.projections.audit import AuditReport, audit
+from vmresize.offline.audit import audit
+from vmresize.projections.audit import AuditReport
 from vmresize.projections.state import Instance, Migration
 
 META_FILE = "ray-meta.json"

@@ -280,7 +280,7 @@ def cmd_audit(args, out: Out) -> int:
     cfg = _config(args, required=False)
     state = _offline_state_dir(args, cfg)
     expected, source = _expected_hosts(state, cfg)
-    from vmresize.projections.audit import audit
+    from vmresize.offline.audit import audit
     try:
         report = audit(state, args.as_of, expected)
     except ValueError as exc:

@@ -298,11 +298,15 @@ def _recover(disk: Disk, directory: Path, verify: bool
         cursor.offset = cursor.first
     for _ in cursor.records(None):
         pass
+    return cursor, _torn_tail_at(cursor)
+
+
+def _torn_tail_at(cursor: _Cursor) -> TornTail | None:
+    """The torn tail of a cursor that read to the end of the log, if any."""
     if cursor.problem is None:
-        return cursor, None
-    return cursor, TornTail(segment=str(cursor.path), offset=cursor.offset,
-                            position=cursor.pos,
-                            bytes_dropped=cursor.file_bytes() - cursor.pos)
+        return None
+    return TornTail(segment=str(cursor.path), offset=cursor.offset, position=cursor.pos,
+                    bytes_dropped=cursor.file_bytes() - cursor.pos)
 
 
 # --------------------------------------------------------------------------- SegmentLog
@@ -382,7 +386,10 @@ class SegmentLog:
     reports it and leaves the files alone (if a writer is appending at that moment, the
     "torn tail" may be a record in flight). `verify=False` checks only the last segment
     on open (older ones are checked as they are read): for restarts from a snapshot
-    that should not read the whole log. `disk` is the I/O boundary (vmresize.events.disk).
+    that should not read the whole log; a read-only log opened so scans nothing on open
+    and finds its end and torn tail on the first read to the end, or when asked
+    (`torn_tail`, `next_offset`), so a replay reads each record once. `disk` is the I/O
+    boundary (vmresize.events.disk).
 
     Group commit: appenders add their records to the open batch; whoever finds no batch
     in flight takes the open batch and writes it with one write and one fsync, with the
@@ -401,7 +408,8 @@ class SegmentLog:
         self.directory = Path(directory)
         self.disk = disk
         self.readonly = readonly
-        self.torn_tail: TornTail | None = None
+        self._tail_pending = False        # read-only, verify=False: end not found yet
+        self._torn_tail: TornTail | None = None
         self.fsyncs = 0                   # fsyncs of segment files, for benchmarks
         self._fsync = fsync
         self._segment_bytes = segment_bytes
@@ -429,10 +437,32 @@ class SegmentLog:
     def _open_readonly(self, verify: bool) -> None:
         if not self.disk.is_dir(self.directory):
             raise LogError(f"{self.directory}: no such log directory")
-        cursor, self.torn_tail = _recover(self.disk, self.directory, verify)
+        if verify:
+            self._settle_end(*_recover(self.disk, self.directory, True))
+        else:
+            self._tail_pending = True     # see `_settle_end`
+        self._closed = True               # nothing to write; reads stay available
+
+    def _settle_end(self, cursor: _Cursor | None, torn: TornTail | None) -> None:
+        """A read-only log's end and torn tail, found by `_recover` or by a read."""
+        self._torn_tail = torn
         self._flushed = cursor.offset if cursor else 0
         self._open = _Batch(self._flushed)
-        self._closed = True               # nothing to write; reads stay available
+        self._tail_pending = False
+
+    def _find_end(self) -> None:
+        if self._tail_pending:
+            self._settle_end(*_recover(self.disk, self.directory, False))
+
+    @property
+    def torn_tail(self) -> TornTail | None:
+        """The torn tail found on open (a writer truncated it; a reader left it)."""
+        self._find_end()
+        return self._torn_tail
+
+    @torn_tail.setter
+    def torn_tail(self, value: TornTail | None) -> None:
+        self._torn_tail = value
 
     def _open_writer(self, create: bool, verify: bool) -> None:
         disk = self.disk
@@ -480,6 +510,7 @@ class SegmentLog:
     @property
     def next_offset(self) -> int:
         """The offset the next append gets (for a read-only log: its end when opened)."""
+        self._find_end()
         with self._lock:
             return self._open.end
 
@@ -797,6 +828,8 @@ class SegmentLog:
                 assert offset == expected, f"offset {offset} read where {expected} was due"
                 expected += 1
                 yield offset, payload
+        if self._tail_pending and (stop is None or cursor.offset < stop):
+            self._settle_end(cursor, _torn_tail_at(cursor))     # read to the end
 
     def follow(self, start: int = 0, poll_s: float = 0.2,
                stop_event: threading.Event | None = None) -> Iterator[tuple[int, bytes]]:

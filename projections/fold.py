@@ -424,9 +424,10 @@ class FoldState:
                 ledger.used = ledger.used + delta
         elif t is _HOST_CONFIGURED:
             ledger.capacity, ledger.limit, ledger.driver = e.capacity, e.limit, e.driver
-        if instances and t in _INSTANCE_EVENTS:
+        plan = _PLANS.get(t) if instances else None
+        if plan is not None:        # an instance event
+            status, migration_step, task, instance_step = plan
             v = e.instance_version
-            status = _MIGRATION_STATUS.get(t)
             if status is not None:      # a step of a migration claimed before
                 mid = e.migration_id
                 mig = self.migrations.get(mid)
@@ -436,19 +437,20 @@ class FoldState:
                     mig.status = status
                     mig.updated_at = env.wall_time
                     mig.version = v
-                    step = _MIGRATION_STEPS.get(t)
-                    if step is not None:
-                        step(mig, e)
+                    if migration_step is not None:
+                        migration_step(mig, e)
             elif t is _CLAIMED:
                 mid = e.migration_id     # a new migration, even over one of the same id
                 mig = _new_migration(e, PRE_MIGRATING, env.wall_time) if mid else None
                 if mig is not None:
                     mig.claim_ready = not e.probe_pending
                     self.migrations[mid] = mig
+            elif t is _PROBE_CREATED:
+                mig = self.migrations.get(e.migration_id) if e.migration_id else None
+                if mig is not None:
+                    mig.claim_ready = True
             elif t in _MIGRATION_EVENTS and e.migration_id:
                 mig = self.migrations.get(e.migration_id)
-                if t is _PROBE_CREATED and mig is not None:
-                    mig.claim_ready = True
             else:
                 mig = None
             uuid = e.instance_uuid
@@ -462,12 +464,10 @@ class FoldState:
                 if inst is None and (t is _CLAIMED or t is _MIGRATION_STARTED):
                     inst = self.instances[uuid] = _seen_from_spec(e)
                 if inst is not None:     # else a host that never saw the instance before
-                    task = _TASK_STATE.get(t, KEEP)
                     if task is not KEEP:
                         inst.task_state = task
-                    step = _INSTANCE_STEPS.get(t)
-                    if step is not None:
-                        step(inst, e, mig)
+                    if instance_step is not None:
+                        instance_step(inst, e, mig)
                     inst.version = v
         self.offsets[host] = env.offset + 1
         self.events += 1
@@ -481,6 +481,11 @@ class FoldState:
         return mig
 
 
+# Per instance event type, everything its step looks up, in one lookup: the migration
+# status it sets (None: none, or a Claimed, which starts one), its migration step, the
+# task_state it sets (KEEP: none) and its instance step.
+_PLANS = {t: (_MIGRATION_STATUS.get(t), _MIGRATION_STEPS.get(t), _TASK_STATE.get(t, KEEP),
+              _INSTANCE_STEPS.get(t)) for t in _INSTANCE_EVENTS}
 _HOST_CONFIGURED, _SPAWN_STARTED = ev.HostConfigured, ev.SpawnStarted
 _CLAIMED, _MIGRATION_STARTED = ev.Claimed, ev.MigrationStarted
 _PROBE_CREATED = ev.ProbeCreated

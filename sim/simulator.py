@@ -61,7 +61,8 @@ from vmresize.events import schema as ev
 from vmresize.events.codec import encode
 from vmresize.events.disk import SimDisk
 from vmresize.events.log import _HEADER, DiskFull, LogFailed, SegmentLog
-from vmresize.projections.audit import _Checker, audit
+from vmresize.offline.audit import audit
+from vmresize.projections.audit import _Checker
 from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Role
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 

@@ -18,7 +18,8 @@ from vmresize.events import schema as ev
 from vmresize.events.codec import encode
 from vmresize.events.log import CorruptLog, LogError, SegmentLog
 from vmresize.events.schema import Resources
-from vmresize.projections import audit, check
+from vmresize.offline import audit
+from vmresize.projections import check
 
 fold_module = importlib.import_module("vmresize.projections.fold")   # the package's
 # `fold` attribute is the function, which shadows the module of the same name
@@ -833,7 +834,7 @@ def test_audit_as_of_a_record_stops_at_it_when_the_next_one_is_not_an_instances(
 # one (instance side); its report must be the one process's, violations, their order,
 # hosts and offsets included.
 
-split_module = importlib.import_module("vmresize.projections.split_audit")
+split_module = importlib.import_module("vmresize.offline.split_audit")
 
 
 def _write_state(state_dir, logs) -> None:

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 import strategies as s
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, Resources
-from vmresize.projections import audit, check, fold, merge_logs
+from vmresize.offline import audit
+from vmresize.projections import check, fold, merge_logs
 from vmresize.projections.fold import evolve_ledger
 from vmresize.projections.state import Ledger
 

@@ -481,6 +481,71 @@ def test_readonly_writes_nothing_and_reports_the_torn_tail(tmp_path):
     assert not (directory / LOCK_NAME).exists()
 
 
+class CountingDisk(OsDisk):
+    """The real file system, counting the bytes read from each file."""
+
+    def __init__(self):
+        self.read_bytes: dict[str, int] = {}
+        self.paths: dict[int, str] = {}
+
+    def open(self, path, mode: str):
+        handle = super().open(path, mode)
+        self.paths[handle] = str(path)
+        return handle
+
+    def pread(self, handle, size: int, offset: int) -> bytes:
+        data = super().pread(handle, size, offset)
+        path = self.paths[handle]
+        self.read_bytes[path] = self.read_bytes.get(path, 0) + len(data)
+        return data
+
+
+def _torn_log(directory: Path, records: int, segment_bytes: int | None = None) -> list:
+    kw = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
+    items = make_log(directory, records, **kw)
+    last = max(directory.glob("*.seg"))
+    with open(last, "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")
+    return items
+
+
+@pytest.mark.parametrize("segment_bytes", [None, TINY_SEGMENT_BYTES])
+def test_readonly_unverified_reads_each_record_once_and_finds_the_tail_on_the_way(
+        tmp_path, segment_bytes):
+    directory = tmp_path / "log"
+    items = _torn_log(directory, 30, segment_bytes)
+    eager = SegmentLog(directory, readonly=True)
+    disk = CountingDisk()
+    log = SegmentLog(directory, readonly=True, verify=False, disk=disk)
+    assert disk.read_bytes == {}                      # nothing scanned on open
+    assert [p for _, p in log.read()] == items
+    # every record read once; the torn bytes once more, to tell a tail from corruption
+    sizes = {str(f): f.stat().st_size for f in directory.glob("*.seg")}
+    last = str(max(directory.glob("*.seg")))
+    read_once = sizes | {last: sizes[last] + 8}
+    assert disk.read_bytes == read_once
+    assert log.torn_tail == eager.torn_tail and log.torn_tail.offset == 30
+    assert log.next_offset == eager.next_offset == 30
+    assert disk.read_bytes == read_once               # the read found both
+
+
+def test_readonly_unverified_finds_the_tail_when_asked_or_after_a_partial_read(tmp_path):
+    directory = tmp_path / "log"
+    items = _torn_log(directory, 12)
+    eager = SegmentLog(directory, readonly=True)
+    asked = SegmentLog(directory, readonly=True, verify=False)
+    assert asked.torn_tail == eager.torn_tail and asked.torn_tail.bytes_dropped == 8
+    partial = SegmentLog(directory, readonly=True, verify=False)
+    assert [p for _, p in partial.read(0, 5)] == items[:5]
+    assert [p for _, p in partial.read(3, 12)] == items[3:]    # stops at 12: the end unseen
+    assert partial.next_offset == 12 and partial.torn_tail == eager.torn_tail
+    clean = tmp_path / "clean"
+    make_log(clean, 4)
+    log = SegmentLog(clean, readonly=True, verify=False)
+    assert len(list(log.read(2))) == 2
+    assert log.torn_tail is None and log.next_offset == 4
+
+
 def test_readonly_missing_directory_creates_nothing(tmp_path):
     with pytest.raises(LogError):
         SegmentLog(tmp_path / "absent" / "log", readonly=True)

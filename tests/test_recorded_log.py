@@ -20,7 +20,8 @@ import pytest
 from vmresize.events import schema as ev
 from vmresize.events.codec import to_builtins, to_json
 from vmresize.events.store import host_names, open_host_logs, read_controller_log
-from vmresize.projections import audit, fold, merge_logs, server_status
+from vmresize.offline import audit
+from vmresize.projections import fold, merge_logs, server_status
 
 FIXTURES = Path(__file__).resolve().parent.parent / "events" / "fixtures"
 

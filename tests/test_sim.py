@@ -129,7 +129,7 @@ def test_result_shape(tmp_path):
     assert set(result.faults) == set(FAULT_KINDS)
     assert result.crashes >= 0 and result.events > 0
     # its logs are real logs that `vmresize audit` reads
-    from vmresize.projections import audit
+    from vmresize.offline import audit
     report = audit(tmp_path / "state")
     assert report.ok and report.events == result.events
     assert sorted(p.name for p in (tmp_path / "state" / "hosts").iterdir()) == [

@@ -1,6 +1,6 @@
 """The offline audit on two processes, with the same report as on one.
 
-A checker's two sides need different orders (see `audit._Checker`): the host side
+A checker's two sides need different orders (see `projections.audit._Checker`): the host side
 (ledgers, invariant 1) each host's records in offset order, the instance side
 (instances, migrations, invariants 2 and 3) the merged order of all hosts. So a helper
 process reads every host log (framing, CRC, decode, offsets), folds the ledgers and
@@ -59,18 +59,19 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
 def _host_side(requests, conn, state_dir: str, hosts: list[str],
                chunk_records: int) -> None:
     """Answer each request (a host's index) with that host's next chunk; None asks for
-    the ledgers (and where each allocation last changed) and ends."""
+    the ledgers (and where each allocation last changed) and the torn tails, and ends."""
     from vmresize.events.store import HostLogReader
     from vmresize.projections.audit import _Checker
     readers = []
     try:
         readers = [HostLogReader(state_dir, h) for h in hosts]
-        conn.send(("open", [_torn(r) for r in readers]))
+        conn.send(("open",))
         checker = _Checker(instance_side=False)
         streams = [r.records() for r in readers]
         while (i := requests.recv()) is not None:
             conn.send(("chunk", i) + _next_chunk(checker, streams[i], chunk_records))
-        conn.send(("end", checker.s.ledgers, checker.changed))
+        # each log was read to its end, which found its torn tail on the way
+        conn.send(("end", checker.s.ledgers, checker.changed, [_torn(r) for r in readers]))
     except CorruptLog as exc:
         conn.send(("corrupt", exc.path, exc.offset, exc.reason))
     except LogError as exc:
@@ -158,11 +159,11 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
         requests.send((str(state_dir), hosts, chunk_records or CHUNK_RECORDS))
         checker = _Checker(host_side=False)
         chunks = _Chunks(requests, conn, hosts, checker)
-        _, torn = chunks.expect("open")
+        chunks.expect("open")
         for env in merge_logs({h: chunks.stream(i) for i, h in enumerate(hosts)}):
             checker.feed(env)
         requests.send(None)
-        _, ledgers, changed = chunks.expect("end")
+        _, ledgers, changed, torn = chunks.expect("end")
         checker.s.ledgers.update(ledgers)
         checker.changed.update(changed)
         checker.finish()
@@ -181,7 +182,7 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
 def _start_helper() -> tuple[subprocess.Popen, Connection, Connection]:
     to_helper, from_helper = os.pipe(), os.pipe()
     helper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from vmresize.projections.split_audit import "
+        [sys.executable, "-c", "import sys; from vmresize.offline.split_audit import "
          "_helper_main; _helper_main(int(sys.argv[1]), int(sys.argv[2]))",
          str(to_helper[0]), str(from_helper[1])],
         pass_fds=(to_helper[0], from_helper[1]), stdin=subprocess.DEVNULL)
