@@ -33,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import queue
 import re
 import struct
 import threading
@@ -426,8 +427,7 @@ class SegmentLog:
         self._flushed = 0                 # records below this are written (and fsync'd)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
-        self._handoff: _Batch | None = None   # for the writer thread to write
-        self._bell: tuple[int, int] | None = None   # pipe that wakes the writer thread
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()  # to the writer thread
         self._flush_due = False           # `_flush` is scheduled on the appenders' loop
         if readonly:
             self._open_readonly(verify)
@@ -542,13 +542,10 @@ class SegmentLog:
                         self.disk.close(fd)
                 self._fd = self._lock_fd = None
                 self._cond.notify_all()
-                if self._bell is not None:
-                    os.write(self._bell[1], b"\0")     # the writer thread stops
+                self._handoff.put(None)   # the writer thread stops
             writer = self._writer
         if writer is not None and writer is not threading.current_thread():
             writer.join()
-            for fd in self._bell:
-                os.close(fd)
         if failure is not None:           # what close had to write was not kept
             raise failure.exception() from failure.cause
 
@@ -641,29 +638,17 @@ class SegmentLog:
             if (self._closed or self._failure is not None or self._inflight is not None
                     or self._open.end == self._open.first):
                 return
-            self._handoff = self._take()
+            self._handoff.put(self._take())
             if self._writer is None:
-                self._bell = os.pipe()
                 self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                                 name=f"log-writer:{self.directory}")
                 self._writer.start()
-        # Rung with the lock free and, during the write, the interpreter's lock too: the
-        # writer thread, which may run at once, need not wait for this one.
-        os.write(self._bell[1], b"\0")
 
     def _write_loop(self) -> None:
-        """The writer thread: write and fsync each batch `_flush` hands over. The lock is
-        held only to take and to settle the batch; the coroutines' loop is woken after
-        it is released, so that their appends find it free."""
-        bell = self._bell[0]
-        while True:
-            os.read(bell, 64)
-            with self._lock:
-                batch, self._handoff = self._handoff, None
-                if batch is None:
-                    if self._closed:
-                        return
-                    continue
+        """The writer thread: write and fsync each batch `_flush` hands over (None: the
+        log is closed). The lock is held only to settle the batch; the coroutines' loop
+        is woken after it is released, so that their appends find it free."""
+        while (batch := self._handoff.get()) is not None:
             failure = self._write(batch, True)
             with self._lock:
                 wake = self._settle(batch, failure)
