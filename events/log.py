@@ -394,11 +394,9 @@ class SegmentLog:
 
     Group commit: appenders add their records to the open batch; whoever finds no batch
     in flight takes the open batch and writes it with one write and one fsync, with the
-    lock released, while later appenders fill the next one. Threads lead themselves.
-    Coroutines are served by one writer thread per log: their event loop hands it the
-    open batch once every coroutine ready to run has added to it (so appenders woken
-    together commit together), and the writer wakes the loop once per batch, which then
-    hands over the next. A batch is acknowledged only once its fsync returned.
+    lock released, while later appenders fill the next one. Threads lead themselves;
+    coroutines are served by one writer thread per log, which wakes their event loop
+    once per batch. A batch is acknowledged only once its fsync returned.
     """
 
     def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,

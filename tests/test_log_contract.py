@@ -974,33 +974,3 @@ def test_power_cut_at_any_point_of_a_snapshot_save(seed):
             (10, b"old" * 100), (20, b"new" * 100))
         calls += 1
     assert calls >= 2                                 # the file's fsync and the directory's
-
-
-def test_coroutines_ready_together_share_one_batch_and_one_fsync():
-    """The loop hands a batch to the writer thread only once every coroutine ready to run
-    has added to it: 64 appenders started together cost one fsync, and those that append
-    while that fsync is held all go into the next one."""
-    disk, log = sim_log()
-    held = HeldFsync()
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        firsts = await asyncio.gather(*(log.append_async([payload("a", i)])
-                                        for i in range(64)))
-        assert sorted(firsts) == list(range(64)) and log.fsyncs == 1
-        disk.on_fsync = held
-        in_flight = [asyncio.create_task(log.append_async([payload("b", i)]))
-                     for i in range(8)]
-        assert await loop.run_in_executor(None, held.entered.wait, 10)
-        queued = [asyncio.create_task(log.append_async([payload("c", i)]))
-                  for i in range(8)]
-        await asyncio.sleep(0)                  # every queued appender has added its record
-        held.release.set()
-        return await asyncio.wait_for(asyncio.gather(*in_flight, *queued), 10)
-
-    assert sorted(asyncio.run(main())) == list(range(64, 80))
-    assert log.fsyncs == 3, "one fsync for each group of appenders"
-    log.close()
-    disk.crash(keep_bytes=0)
-    with reopened(disk) as again:
-        assert [p for _, p in again.read()][64:72] == [payload("b", i) for i in range(8)]
