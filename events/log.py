@@ -30,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
-import functools
 import logging
 import os
-import queue
 import re
 import struct
 import threading
@@ -369,15 +367,11 @@ def _as_bytes(payload) -> bytes:
     return bytes(payload)
 
 
-def _wake_all(waiters: list[asyncio.Future], failure: _Failure | None,
-              then: Callable[[], None] | None) -> None:
-    """On the appenders' event loop: wake every coroutine waiting for one batch; `then`
-    runs after them, once each has had its turn (and maybe appended again)."""
+def _settle(waiters: list[asyncio.Future], failure: _Failure | None) -> None:
+    """On the appenders' event loop: wake every coroutine waiting for one batch."""
     for future in waiters:
         if not future.done():             # a cancelled appender's records stay written
             future.set_result(failure)
-    if then is not None:
-        asyncio.get_running_loop().call_soon(then)
 
 
 class SegmentLog:
@@ -414,6 +408,7 @@ class SegmentLog:
         self._segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)    # batches settled
+        self._work = threading.Condition(self._lock)    # the writer thread has work
         self._closed = False
         self._failure: _Failure | None = None           # fail-stop: reopen to go on
         self._lock_fd = None
@@ -425,8 +420,7 @@ class SegmentLog:
         self._flushed = 0                 # records below this are written (and fsync'd)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
-        self._handoff: queue.SimpleQueue = queue.SimpleQueue()  # to the writer thread
-        self._flush_due = False           # `_flush` is scheduled on the appenders' loop
+        self._writer_idle = False         # waiting for `_work`: notify it
         if readonly:
             self._open_readonly(verify)
         else:
@@ -540,7 +534,7 @@ class SegmentLog:
                         self.disk.close(fd)
                 self._fd = self._lock_fd = None
                 self._cond.notify_all()
-                self._handoff.put(None)   # the writer thread stops
+                self._work.notify_all()
             writer = self._writer
         if writer is not None and writer is not threading.current_thread():
             writer.join()
@@ -609,10 +603,11 @@ class SegmentLog:
             future = loop.create_future()
             batch.waiters.append(future)
             batch.loop = loop
-            if not self._flush_due and self._inflight is None:
-                # Hand the batch over once every coroutine ready to run has added to it.
-                self._flush_due = True
-                loop.call_soon(self._flush)
+            if self._writer_idle:
+                self._writer_idle = False
+                self._work.notify()
+            elif self._writer is None:
+                self._start_writer()
         failure = await future
         if failure is not None:
             raise failure.exception() from failure.cause
@@ -626,45 +621,30 @@ class SegmentLog:
                                    f"at once")
                 batch.waiters = []        # their loop is gone, and they with it
         self._loop = loop
-        self._flush_due = False           # a flush scheduled on the old loop never ran
 
-    def _flush(self) -> None:
-        """On the appenders' event loop: hand the open batch to the writer thread, unless
-        a batch is in flight (settling it calls this again) or nothing is left."""
-        with self._lock:
-            self._flush_due = False
-            if (self._closed or self._failure is not None or self._inflight is not None
-                    or self._open.end == self._open.first):
-                return
-            self._handoff.put(self._take())
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name=f"log-writer:{self.directory}")
-                self._writer.start()
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name=f"log-writer:{self.directory}")
+        self._writer.start()
 
     def _write_loop(self) -> None:
-        """The writer thread: write and fsync each batch `_flush` hands over (None: the
-        log is closed). The lock is held only to settle the batch; the coroutines' loop
-        is woken after it is released, so that their appends find it free."""
-        while (batch := self._handoff.get()) is not None:
-            failure = self._write(batch, True)
-            with self._lock:
-                wake = self._settle(batch, failure)
-            if wake is not None:
-                wake()
-
-    def _take(self) -> _Batch:
-        """Make the open batch the one in flight (lock held)."""
-        batch = self._open
-        self._open = _Batch(batch.end)
-        self._inflight = batch
-        return batch
+        """The writer thread: lead every batch coroutines are waiting for."""
+        with self._lock:
+            while not self._closed and self._failure is None:
+                if self._inflight is None and self._open.end > self._open.first:
+                    self._lead(sync=True)
+                else:
+                    self._writer_idle = True
+                    self._work.wait()
+                    self._writer_idle = False
 
     def _lead(self, sync: bool) -> None:
         """Write the open batch (and fsync it when `sync`); settle it. Called with the
         lock held; released during the I/O when it may be slow (an fsync) so that
         appenders fill the next batch meanwhile."""
-        batch = self._take()
+        batch = self._open
+        self._open = _Batch(batch.end)
+        self._inflight = batch
         if sync:
             self._lock.release()
         try:
@@ -672,39 +652,19 @@ class SegmentLog:
         finally:
             if sync:
                 self._lock.acquire()
-        wake = self._settle(batch, failure)
-        if wake is not None:
-            wake()
-
-    def _settle(self, batch: _Batch, failure: _Failure | None
-                ) -> Callable[[], None] | None:
-        """`batch` was written (failure None) or not: wake the threads waiting for it, and
-        return what wakes its coroutines, and has their loop flush the open batch if
-        coroutines wait in it (the caller calls it, with or without the lock). Lock held."""
-        self._inflight = None
+            self._inflight = None
         if failure is None:
             batch.durable = True
             self._flushed = batch.end
         else:
             self._lose(batch, failure)
         self._cond.notify_all()
-        flush = False
-        if self._open.waiters and not self._flush_due:
-            flush = self._flush_due = True
+        if self._writer_idle and (self._open.end > self._open.first
+                                  or self._failure is not None):
+            self._writer_idle = False
+            self._work.notify()
         if batch.waiters:
-            if flush and batch.loop is not self._open.loop:
-                self._call(self._open.loop, self._flush)
-                flush = False
-            return functools.partial(self._wake, batch, flush)
-        if flush:
-            return functools.partial(self._call, self._open.loop, self._flush)
-        return None
-
-    def _call(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
-        try:
-            loop.call_soon_threadsafe(flush)
-        except RuntimeError:              # its loop is closed: no one is waiting any more
-            self._flush_due = False
+            self._wake(batch)
 
     def _lose(self, batch: _Batch, failure: _Failure) -> None:
         """`batch` was not written. The open batch behind it fails too: its records were
@@ -717,17 +677,14 @@ class SegmentLog:
         self._open = _Batch(batch.first)
         assert self._flushed == batch.first, "a lost batch must follow the durable ones"
         if lost_too.waiters:
-            self._wake(lost_too, False)
+            self._wake(lost_too)
 
-    def _wake(self, batch: _Batch, then_flush: bool) -> None:
-        """One call into the batch's event loop wakes all its coroutines (and then has
-        the loop flush the next batch, once the woken coroutines have added to it)."""
+    @staticmethod
+    def _wake(batch: _Batch) -> None:
         try:
-            batch.loop.call_soon_threadsafe(_wake_all, batch.waiters, batch.failure,
-                                            self._flush if then_flush else None)
+            batch.loop.call_soon_threadsafe(_settle, batch.waiters, batch.failure)
         except RuntimeError:              # its loop is closed: no one is waiting any more
-            if then_flush:
-                self._flush_due = False
+            pass
 
     def _write(self, batch: _Batch, sync: bool) -> _Failure | None:
         """Write one batch into one segment and fsync it when `sync`. The caller holds the
