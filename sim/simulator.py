@@ -63,7 +63,7 @@ from vmresize.events.disk import SimDisk
 from vmresize.events.log import _HEADER, DiskFull, LogFailed, SegmentLog
 from vmresize.offline.audit import audit
 from vmresize.projections.audit import _Checker
-from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Role
+from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Step
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 
 FAULT_KINDS = ("crash", "drop", "duplicate", "reorder", "delay", "stale", "driver",
@@ -348,8 +348,9 @@ class Simulator:
             if kind is ev.ReleaseStarted or kind is ev.RestoreStarted:
                 self.reached["compensation"] += 1
             elif kind is ev.ClaimReleased:
-                self.reached["released_source" if e.role == Role.SOURCE
-                             else "released_dest"] += 1
+                self.reached["released_dest"] += 1
+            elif kind is ev.Failed and e.step == Step.MIGRATE:
+                self.reached["released_source"] += 1    # the source lets go by itself
             elif kind is ev.SourceRestored:
                 self.reached["restored"] += 1
             if getattr(e, "closes", ""):
@@ -634,7 +635,26 @@ class Simulator:
             raise HostUnavailable(f"{host.name}: reply lost")
         await asyncio.sleep(self._delay())
         self._acknowledged(host, reply.events)
+        self._check_closed(host, reply)
         return reply
+
+    def _check_closed(self, host: _Host, reply) -> None:
+        """The oracle under the controller's compensation: a host answers a step that
+        logged an intent only once the step has its outcome, so the controller never
+        plans on a step still under way. A cleanup whose driver failed is the one step
+        left open on purpose (the controller retries it, then abandons it)."""
+        open_ = {}
+        for env in reply.events:
+            e = env.event
+            if type(e) in INTENTS and (type(e) is not ev.Claimed or e.probe_pending):
+                open_[e.command_id] = type(e)
+            else:
+                open_.pop(getattr(e, "closes", "") or e.command_id, None)
+        for cid, intent in open_.items():
+            if STEP_OF_INTENT[intent].on_failure == "retry" and reply.retryable:
+                continue
+            self.breaches.append(f"reply: {host.name} answered {reply.command_id} "
+                                 f"with {intent.__name__} of {cid} still open")
 
     def _acknowledged(self, host: _Host, envs) -> None:
         for env in envs:

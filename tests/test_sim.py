@@ -81,7 +81,7 @@ def test_the_sweep_hits_every_crash_window_and_every_recovery_path(tmp_path):
     assert not missed, f"crash windows never hit in {SEEDS} seeds: {missed}"
     reached = {k: sum(r.reached.get(k, 0) for r in results.values())
                for k in results[0].reached}
-    for path in ("compensation", "abandoned", "released_dest", "restored",
+    for path in ("compensation", "abandoned", "released_dest", "released_source", "restored",
                  "snapshots_rebuilt", "disk_full_refusals", "own_recoveries"):
         assert reached[path] > 0, f"{path} never reached in {SEEDS} seeds: {reached}"
     faults = {k: sum(r.faults.get(k, 0) for r in results.values()) for k in FAULT_KINDS}
@@ -267,6 +267,24 @@ def test_a_broken_host_shell_is_caught(tmp_path):
     seed, result = _first_seed_with_violations(tmp_path, shell_class=_ReleasesAsSource)
     assert seed is not None, "the broken shell went unnoticed for seeds 0..4"
     assert any(v.startswith("liveness") or "no-leak" in v for v in result.violation_list)
+
+
+class _AnswersWithItsIntent(HostShell):
+    """A broken host: answers `resize_instance` with its intent alone, as if the step
+    were still under way, so the controller would plan on a source it thinks busy."""
+
+    async def handle(self, cmd):
+        reply = await super().handle(cmd)
+        if isinstance(cmd, c.ResizeInstance) and len(reply.events) > 1:
+            return msgspec.structs.replace(reply, events=reply.events[:1])
+        return reply
+
+
+def test_a_reply_that_leaves_its_step_open_is_caught(tmp_path):
+    seed, result = _first_seed_with_violations(tmp_path, shell_class=_AnswersWithItsIntent)
+    assert seed == 0, "a reply with the intent alone went unnoticed"
+    assert any(v.startswith("reply: ") and "MigrationStarted" in v and "still open" in v
+               for v in result.violation_list), result.violation_list
 
 
 def test_driver_check_catches_a_shell_that_skips_its_driver_call(tmp_path):
