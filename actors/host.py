@@ -55,15 +55,9 @@ def check_version(state: Projection, cmd: c.Command) -> Rejected | None:
     return None
 
 
-def rule_for(policy: HostPolicy, cmd: c.Command, state: Projection) -> table.StepRule:
-    if isinstance(cmd, c.ReleaseClaim) and cmd.role == Role.SOURCE:
-        return table.SOURCE_RELEASE
-    return table.STEPS[type(cmd)]
-
-
 def refusal(state: Projection, policy: HostPolicy, cmd: c.Command) -> str:
     """Why this host refuses `cmd` in its state (the table's legality); empty if legal."""
-    rule = rule_for(policy, cmd, state)
+    rule = table.STEPS[type(cmd)]
     inst = state.instances.get(cmd.instance_uuid)
     mid = getattr(cmd, "migration_id", "")
     mig = state.migrations.get(mid) if mid else None
@@ -131,8 +125,9 @@ def decide_resize_instance(state, policy, cmd: c.ResizeInstance):
 
 
 def decide_release(state, policy, cmd: c.ReleaseClaim):
-    if cmd.role == Role.SOURCE:
-        return [_event(ev.ClaimReleased, cmd, role=cmd.role, reason=cmd.reason)]
+    if cmd.role != Role.DEST:
+        return Rejected(f"{policy.name} releases only a destination's claim: a source "
+                        f"lets go through its own step's outcome (role {cmd.role!r})")
     if (not cmd.remove_disks
             and claim_key(cmd.migration_id) not in _ledger(state, policy.name).allocations):
         return Rejected(f"{policy.name} holds no claim for {cmd.migration_id}")
@@ -181,7 +176,7 @@ def decide(state: Projection, policy: HostPolicy, cmd: c.Command):
                                      reason=why)]
         return Rejected(why)
     inst = state.instances.get(cmd.instance_uuid)
-    if inst is not None and inst.power_state in rule_for(policy, cmd, state).noop:
+    if inst is not None and inst.power_state in table.STEPS[type(cmd)].noop:
         return []
     return DECIDE[type(cmd)](state, policy, cmd)
 

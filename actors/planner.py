@@ -162,14 +162,14 @@ def plan_resize(ctx: Ctx, r: Request) -> Action:
                                                 mig.dest_compute))
         resize = _resize_instance(ctx, mig)
         if cancel or _refused(r, resize.command_id):
-            return _release(ctx, mig, Role.DEST, _why(r, resize.command_id, cancel))
+            return _release_dest(ctx, mig, _why(r, resize.command_id, cancel))
         return Send(mig.source_compute, resize)
     if status in (MS.MIGRATING, MS.POST_MIGRATING):
         if not mig.disk_migrated:
             return Send(mig.source_compute, _resize_instance(ctx, mig))
         finish = _finish(ctx, mig)
         if cancel or _refused(r, finish.command_id):
-            return _release(ctx, mig, Role.DEST, _why(r, finish.command_id, cancel))
+            return _release_dest(ctx, mig, _why(r, finish.command_id, cancel))
         return Send(mig.dest_compute, finish)
     if status == MS.ERROR:
         return compensation(ctx, r, mig) or End(
@@ -238,33 +238,39 @@ def _finish(ctx: Ctx, mig: Migration) -> c.FinishResize:
                           shared_storage=mig.shared_storage)
 
 
-def _release(ctx: Ctx, mig: Migration, role: str, reason: str) -> Send:
-    host = mig.dest_compute if role == Role.DEST else mig.source_compute
-    cmd = c.ReleaseClaim(command_id=f"{mig.id}:release-{role}",
+def _release_dest(ctx: Ctx, mig: Migration, reason: str) -> Send:
+    cmd = c.ReleaseClaim(command_id=f"{mig.id}:release-{Role.DEST}",
                          instance_uuid=mig.instance_uuid,
                          instance_version=_version(ctx, mig.instance_uuid),
-                         migration_id=mig.id, role=role, reason=reason,
-                         remove_disks=role == Role.DEST and mig.dest_copy)
-    return Send(host, cmd, "until_ok")
+                         migration_id=mig.id, role=Role.DEST, reason=reason,
+                         remove_disks=mig.dest_copy)
+    return Send(mig.dest_compute, cmd, "until_ok")
 
 
 def compensation(ctx: Ctx, r: Request, mig: Migration) -> Send | None:
     """After a failure or a cancel: the next step that makes an end let go of what the
-    migration holds; None when both ends have (the migration is final)."""
-    release_dest = f"{mig.id}:release-{Role.DEST}"
+    migration holds; None when both ends have (the migration is final).
+
+    The source never needs telling to let go of a step it started and moved no disks
+    for: the step's own outcome does that (`Failed(step=migrate)`). Nor can such a
+    step be seen unsettled here: `resize_instance` is sent until the source answers;
+    the source answers a step that logged an intent only with that step's outcome
+    (after a restart too, for it resumes its open intents by itself); and the
+    destination is told to release only before the source was sent its step (or
+    once it refused it) or after the disks moved. The simulator checks the middle
+    link on every reply, and the auditor's obligations would name a source left
+    holding."""
     if (not mig.dest_settled or (mig.dest_copy and mig.failed_step == Step.FINISH)) \
-            and not _failed_for_good(r, release_dest):
-        return _release(ctx, mig, Role.DEST, mig.reason)
-    if mig.source_started and not mig.source_settled:
-        if mig.resize_dir:       # the disks left: the source takes the instance back
-            cmd = c.RestoreSource(command_id=f"{mig.id}:restore",
-                                  instance_uuid=mig.instance_uuid,
-                                  instance_version=_version(ctx, mig.instance_uuid),
-                                  migration_id=mig.id)
-            if not _failed_for_good(r, cmd.command_id):
-                return Send(mig.source_compute, cmd, "cleanup", Step.RESTORE)
-        elif not _failed_for_good(r, f"{mig.id}:release-{Role.SOURCE}"):
-            return _release(ctx, mig, Role.SOURCE, mig.reason)
+            and not _failed_for_good(r, f"{mig.id}:release-{Role.DEST}"):
+        return _release_dest(ctx, mig, mig.reason)
+    if mig.source_started and not mig.source_settled and mig.resize_dir:
+        # The disks left: the source takes the instance back.
+        cmd = c.RestoreSource(command_id=f"{mig.id}:restore",
+                              instance_uuid=mig.instance_uuid,
+                              instance_version=_version(ctx, mig.instance_uuid),
+                              migration_id=mig.id)
+        if not _failed_for_good(r, cmd.command_id):
+            return Send(mig.source_compute, cmd, "cleanup", Step.RESTORE)
     return None
 
 

@@ -114,11 +114,6 @@ STEPS: dict[type, StepRule] = {r.command: r for r in (
              ev.DeleteStarted, "destroy", ev.Deleted, ev.ActionFailed, "rollback"),
 )}
 
-# A release on the source holds no disks: it is a decision, no intent, no driver call.
-SOURCE_RELEASE = StepRule(c.ReleaseClaim, Step.RELEASE, Role.SOURCE, ANY,
-                          STEPS[c.ReleaseClaim].migration, None, "", ev.ClaimReleased,
-                          None, "refuse", busy_ok=True)
-
 
 class EventRule(msgspec.Struct, frozen=True):
     """What one event does to the migration's status and the instance's task_state
@@ -197,7 +192,7 @@ def _transitions() -> dict:
         if b is not KEEP and a != b:
             out.setdefault(a, set()).add(b)
 
-    for rule in (*STEPS.values(), SOURCE_RELEASE):
+    for rule in STEPS.values():
         froms = {None if s == "absent" else s for s in rule.migration or ()}
         intent = _status(rule.intent)
         for f in froms:

@@ -553,6 +553,8 @@ async def test_driver_failure_in_migrate_rolls_back_to_the_source():
     assert p.a.driver.domains[U].power_state == RUNNING
     assert U in p.a.driver.storage.dirs
     assert failed.dest_copy, "the disks may have reached b: it must be told to drop them"
+    source = await p.release("source")      # the failed step let go already
+    assert not source.ok and source.events == [] and "role 'source'" in source.reason
     await p.release("dest", remove_disks=True)
     report = p.audit()
     assert report.ok and report.open_migrations == 0
