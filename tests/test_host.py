@@ -511,8 +511,27 @@ async def test_decide_refuses_to_power_an_instance_that_runs_on_another_host():
         here = cmd(command_id="x", instance_uuid=U, instance_version=p.version())
         assert not isinstance(decide(p.a.state, msgspec.structs.replace(POLICY, name="a"),
                                      here), Rejected)
-        elsewhere = decide(p.a.state, POLICY, here)
-        assert isinstance(elsewhere, Rejected) and "b" in elsewhere.reason, cmd.__name__
+        for other in ("b", "A"):        # names that sort after and before "a"
+            elsewhere = decide(p.a.state, msgspec.structs.replace(POLICY, name=other), here)
+            assert isinstance(elsewhere, Rejected) and other in elsewhere.reason, \
+                (cmd.__name__, other)
+
+
+@virtual
+async def test_an_abandoned_confirm_closes_its_intent_and_leaves_the_instance_in_error():
+    p = await Pair(a_faults=[Fault("confirm_migration", "fail")]).start()
+    await p.to_finished()
+    reply = await p.confirm()
+    assert not reply.ok and reply.retryable and types(reply.events) == ["ConfirmStarted"]
+    confirm_id = reply.events[0].event.command_id
+    reply = await p.a.shell.handle(c.AbandonStep(
+        command_id=confirm_id + ":abandon", instance_uuid=U, instance_version=p.version(),
+        migration_id=M, step="confirm", reason="kept failing", abandons=confirm_id))
+    assert not reply.ok and types(reply.events) == ["Failed"]   # logged, as a failure
+    failed = reply.events[0].event
+    assert (failed.step, failed.rolled_back, failed.closes) == ("confirm", False, confirm_id)
+    assert confirm_id not in p.a.shell.open_intents
+    assert p.view().instances[U].vm_state == "error"
 
 
 @virtual
@@ -563,6 +582,7 @@ async def test_driver_failure_in_migrate_rolls_back_to_the_source():
     assert not reply.ok and types(reply.events) == ["MigrationStarted", "Failed"]
     failed = reply.events[-1].event
     assert (failed.step, failed.rolled_back) == ("migrate", True)
+    assert failed.power_state == RUNNING
     inst = p.a.state.instances[U]
     assert (inst.host, inst.flavor, inst.vm_state, inst.task_state) == ("a", TINY, "active",
                                                                          None)
