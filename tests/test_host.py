@@ -238,7 +238,8 @@ def test_decide_spawn_that_does_not_fit_is_rejected():
     cmd = c.Spawn(command_id="s", instance_uuid=U, instance_version=0, name="vm",
                   flavor=LARGE)
     result = decide(Projection(), POLICY, cmd)
-    assert isinstance(result, Rejected) and "memory_mb" in result.reason
+    # only what does not fit is named: vcpus 4 of 4 fit, as does the disk
+    assert result == Rejected("b cannot hold it: memory_mb 8192 > 4096")
 
 
 def test_decide_prep_claims_with_overhead_and_probe():
@@ -490,6 +491,7 @@ async def test_revert_then_finish_revert_brings_the_instance_home():
     assert U not in p.b.driver.domains and U not in p.b.driver.storage.dirs
     reply = await p.finish_revert()
     assert reply.ok and types(reply.events) == ["RevertFinishStarted", "Reverted"]
+    assert reply.events[-1].event.power_state == RUNNING
     assert p.a.allocations() == {"i:u": TINY.resources()}
     assert p.a.driver.storage.dirs[U] == {"disk": TINY.root_gb}
     assert U + "_resize" not in p.a.driver.storage.dirs
@@ -497,6 +499,39 @@ async def test_revert_then_finish_revert_brings_the_instance_home():
     inst = p.a.state.instances[U]
     assert (inst.host, inst.flavor, inst.status, inst.version) == ("a", TINY, "ACTIVE", 12)
     assert p.audit().ok
+
+
+@virtual
+async def test_decide_refuses_to_power_an_instance_that_runs_on_another_host():
+    """The state of a, where the instance runs idle, decided on as host b."""
+    p = await Pair().start()
+    await p.boot()
+    assert p.a.state.instances[U].host == "a"
+    for cmd in (c.StopInstance, c.RebootInstance, c.DeleteInstance):
+        here = cmd(command_id="x", instance_uuid=U, instance_version=p.version())
+        assert not isinstance(decide(p.a.state, msgspec.structs.replace(POLICY, name="a"),
+                                     here), Rejected)
+        for other in ("b", "A"):        # names that sort after and before "a"
+            elsewhere = decide(p.a.state, msgspec.structs.replace(POLICY, name=other), here)
+            assert isinstance(elsewhere, Rejected) and other in elsewhere.reason, \
+                (cmd.__name__, other)
+
+
+@virtual
+async def test_an_abandoned_confirm_closes_its_intent_and_leaves_the_instance_in_error():
+    p = await Pair(a_faults=[Fault("confirm_migration", "fail")]).start()
+    await p.to_finished()
+    reply = await p.confirm()
+    assert not reply.ok and reply.retryable and types(reply.events) == ["ConfirmStarted"]
+    confirm_id = reply.events[0].event.command_id
+    reply = await p.a.shell.handle(c.AbandonStep(
+        command_id=confirm_id + ":abandon", instance_uuid=U, instance_version=p.version(),
+        migration_id=M, step="confirm", reason="kept failing", abandons=confirm_id))
+    assert not reply.ok and types(reply.events) == ["Failed"]   # logged, as a failure
+    failed = reply.events[0].event
+    assert (failed.step, failed.rolled_back, failed.closes) == ("confirm", False, confirm_id)
+    assert confirm_id not in p.a.shell.open_intents
+    assert p.view().instances[U].vm_state == "error"
 
 
 @virtual
@@ -529,6 +564,7 @@ async def test_finish_failure_then_restore_source():
     assert U not in p.b.driver.storage.dirs
     reply = await p.restore()
     assert reply.ok and types(reply.events) == ["RestoreStarted", "SourceRestored"]
+    assert reply.events[-1].event.power_state == RUNNING
     assert p.a.allocations() == {"i:u": TINY.resources()}
     assert U in p.a.driver.storage.dirs and U + "_resize" not in p.a.driver.storage.dirs
     assert p.a.driver.domains[U].power_state == RUNNING
@@ -546,6 +582,7 @@ async def test_driver_failure_in_migrate_rolls_back_to_the_source():
     assert not reply.ok and types(reply.events) == ["MigrationStarted", "Failed"]
     failed = reply.events[-1].event
     assert (failed.step, failed.rolled_back) == ("migrate", True)
+    assert failed.power_state == RUNNING
     inst = p.a.state.instances[U]
     assert (inst.host, inst.flavor, inst.vm_state, inst.task_state) == ("a", TINY, "active",
                                                                          None)
