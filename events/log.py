@@ -825,10 +825,13 @@ class SegmentLog:
         # outside the last segment corruption.
         # Its preallocated zeros are cut first: only the last segment ends in zeros.
         disk = self.disk
-        try:
-            if self._seg_alloc > self._seg_size:
+        if self._seg_alloc > self._seg_size:
+            try:
                 disk.truncate(self._fd, self._seg_size)
-                self._seg_alloc = self._seg_size
+            except OSError as exc:
+                return self._stop("truncating the segment's preallocated space", exc)
+            self._seg_alloc = self._seg_size
+        try:
             disk.fsync(self._fd)
             self.fsyncs += 1
         except OSError as exc:
