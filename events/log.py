@@ -225,6 +225,9 @@ class _Cursor:
         self.pos = 0
         self.offset = first
         self.problem: str | None = None
+        # segment -> where its records end, as far as a writer knew: a hint that saves
+        # reading the zeros after them, never a bound on what is read
+        self.ends: dict[int, int] = {}
 
     @classmethod
     def at(cls, disk: Disk, directory: Path, start: int) -> "_Cursor | None":
@@ -269,9 +272,10 @@ class _Cursor:
         self.problem = None
         pos, offset, header = self.pos, self.offset, _HEADER.size
         unpack, crc32, disk = _HEADER.unpack_from, zlib.crc32, self.disk
+        limit = self.ends.get(self.first, 1 << 63)        # read no byte past it
         fd = disk.open(self.path, "r")
         try:
-            buf, i = disk.pread(fd, _CHUNK_BYTES, pos), 0   # buf[i] is at byte `pos`
+            buf, i = disk.pread(fd, min(_CHUNK_BYTES, limit - pos), pos), 0  # buf[i]: `pos`
             end = pos + len(buf)                            # where the next read starts
             while offset < stop_at:
                 avail = len(buf) - i
@@ -285,7 +289,10 @@ class _Cursor:
                         return
                     need = header + length
                 if avail < need:
-                    more = disk.pread(fd, max(_CHUNK_BYTES, need - avail), end)
+                    if end >= limit:        # records go on past the hint: read on
+                        limit = 1 << 63
+                    more = disk.pread(fd, min(max(_CHUNK_BYTES, need - avail),
+                                              limit - end), end)
                     end += len(more)
                     if not more:
                         if avail and (avail >= header or buf.count(0, i) != avail):
@@ -856,12 +863,21 @@ class SegmentLog:
     # -- reading
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Stream (offset, payload) from `start` to `stop` or to what is written now."""
+        """Stream (offset, payload) from `start` to `stop` or to what is written now
+        (for the log's writer: what is durable, so that a reader never reads the
+        preallocated zeros after the records, nor a batch still being written)."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        ends = {}
+        if stop is None and not self.readonly:
+            stop = self._flushed
+            ends[self._seg_first] = self._seg_size   # racy with a roll-over: a hint
+            if start >= stop:
+                return
         cursor = _Cursor.at(self.disk, self.directory, start)
         if cursor is None:
             return
+        cursor.ends = ends
         expected = start
         for offset, payload in cursor.records(stop):
             if offset >= start:

@@ -447,6 +447,30 @@ def test_a_preallocated_tail_is_the_end_of_the_log_not_a_torn_tail(tmp_path):
         8 + len(item) for item in items[6:])
 
 
+class ReadCountingDisk(OsDisk):
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def pread(self, handle, size: int, offset: int) -> bytes:
+        data = super().pread(handle, size, offset)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_the_writer_reads_its_records_and_not_the_zeros_after_them(tmp_path):
+    """A host serves its events from its own log again and again: each read must cost
+    the records asked for, not the preallocated space after them."""
+    disk = ReadCountingDisk()
+    items = [payload("r", i) for i in range(20)]
+    with SegmentLog(tmp_path / "log", disk=disk) as log:
+        log.append(items)
+        records_end = record_positions_before_zeros(tmp_path / "log" / segment_name(0))[-1][1]
+        for start in (0, 10, 19, 20):
+            disk.read_bytes = 0
+            assert [p for _, p in log.read(start)] == items[start:]
+            assert disk.read_bytes <= records_end, (start, disk.read_bytes)
+
+
 def record_positions_before_zeros(segment: Path) -> list[tuple[int, int]]:
     data = segment.read_bytes()
     out, pos = [], 0
