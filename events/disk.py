@@ -15,6 +15,9 @@ given) and modelled on what a real disk does at a power cut:
   failed to write: a later fsync that succeeds does not bring it back), `corrupt(path)`
   (flips one bit of a file, durably);
 - `on_fsync(path)` is called before every fsync: tests block there, or crash there.
+- `preallocate` (0 unless asked) is how far ahead the log zero-fills its segment files,
+  as it does on a real disk (`OsDisk.preallocate`): tests ask for it to cut power with
+  a preallocated tail.
 
 The simulator's use: one `SimDisk(random.Random(seed))` per simulated machine; open
 `SegmentLog(path, disk=disk)` and `save_snapshot(..., disk=disk)` as on a real host; on a
@@ -39,7 +42,7 @@ import random
 import threading
 from typing import Any, Callable, Protocol
 
-OPEN_MODES = ("r", "a", "x", "w")
+OPEN_MODES = ("r", "a", "x", "w", "r+", "x+")
 
 
 class Disk(Protocol):
@@ -49,15 +52,25 @@ class Disk(Protocol):
     # fsyncs on the caller's thread even for `append_async`.
     inline: bool
 
+    # Bytes by which the log extends a segment file ahead of its appends, zero-filled
+    # and fsynced once, so that each append's fsync overwrites allocated blocks and
+    # need not commit a new file size (0: the file grows with every append).
+    preallocate: int
+
     def open(self, path, mode: str) -> Any:
         """"r" read, "a" append to an existing file, "x" create a new file to append to
-        (FileExistsError if it exists), "w" create or truncate, then write."""
+        (FileExistsError if it exists), "w" create or truncate, then write; "r+" an
+        existing file and "x+" a new one, read and written at positions (`pwrite`)."""
 
     def write(self, handle, data) -> int:
         """Write at the end of an "a"/"x" file (or the position of a "w" one); may write
         fewer bytes than given (a full disk); returns how many."""
 
     def pread(self, handle, size: int, offset: int) -> bytes: ...
+
+    def pwrite(self, handle, data, offset: int) -> int:
+        """Write at byte `offset` of an "r+"/"x+" file; may write fewer bytes than given
+        (a full disk); returns how many."""
 
     def fsync(self, handle) -> None:
         """The file's data and what is needed to read it back (its size) are durable."""
@@ -95,19 +108,22 @@ class Disk(Protocol):
 
 _OS_FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND,
              "x": os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
-             "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+             "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "r+": os.O_RDWR, "x+": os.O_RDWR | os.O_CREAT | os.O_EXCL}
 
 
 class OsDisk:
     """The real file system; handles are file descriptors."""
 
     inline = False
+    preallocate = 1024 * 1024
 
     def open(self, path, mode: str) -> int:
         return os.open(path, _OS_FLAGS[mode], 0o644)
 
     write = staticmethod(os.write)
     pread = staticmethod(os.pread)
+    pwrite = staticmethod(os.pwrite)
     truncate = staticmethod(os.ftruncate)
     close = staticmethod(os.close)
     # fdatasync: the data and what is needed to read it back (the size), which is all an
@@ -232,10 +248,14 @@ class SimDisk:
     """An in-memory disk that loses unsynced writes at `crash()` (see the module
     docstring). Each operation is atomic; `on_fsync` runs outside that, so it may block."""
 
-    def __init__(self, rng: random.Random, *, inline: bool = True) -> None:
+    def __init__(self, rng: random.Random, *, inline: bool = True,
+                 preallocate: int = 0) -> None:
+        if preallocate < 0:
+            raise ValueError(f"preallocate must be >= 0, got {preallocate}")
         self._mutex = threading.RLock()
         self.rng = rng
         self.inline = inline
+        self.preallocate = preallocate     # 0 by default: the simulator's files stay small
         self.on_fsync: Callable[[str], None] | None = None
         self.fsyncs = 0                    # file fsyncs that succeeded
         self.dir_fsyncs = 0
@@ -380,9 +400,9 @@ class SimDisk:
         path = self._norm(path)
         d, name = self._parent(path)
         inode = d.entries.get(name)
-        if mode == "x" and inode is not None:
+        if mode in ("x", "x+") and inode is not None:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-        if mode in ("r", "a") and inode is None:
+        if mode in ("r", "a", "r+") and inode is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if inode is None:
             inode = _Inode()
@@ -398,8 +418,20 @@ class SimDisk:
         inode = self._live(handle)
         if handle.mode == "r":
             raise _oserror(errno.EBADF, handle.path)
-        data = bytes(data)
         offset = handle.position if handle.mode == "w" else len(inode.data)
+        written = self._write_at(handle, inode, data, offset)
+        handle.position = offset + written
+        return written
+
+    @_atomic
+    def pwrite(self, handle: _Handle, data, offset: int) -> int:
+        inode = self._live(handle)
+        if handle.mode not in ("r+", "x+"):
+            raise _oserror(errno.EBADF, handle.path)
+        return self._write_at(handle, inode, data, offset)
+
+    def _write_at(self, handle: _Handle, inode: _Inode, data, offset: int) -> int:
+        data = bytes(data)
         if self._capacity is not None:
             room = self._capacity - self._used()
             grows = max(0, offset + len(data) - len(inode.data))
@@ -408,7 +440,6 @@ class SimDisk:
                     raise _oserror(errno.ENOSPC, handle.path)
                 data = data[:len(data) - (grows - room)]       # a short write
         inode.record(offset, data)
-        handle.position = offset + len(data)
         return len(data)
 
     @_atomic

@@ -24,6 +24,14 @@ falls back to an older one, or None: the caller then replays the log.
 
 Record: 4-byte little-endian payload length, 4-byte little-endian zlib.crc32(payload),
 payload. Segment files are named by the offset of their first record (20 digits, `.seg`).
+The last segment may end in zeros: space the writer preallocated (`Disk.preallocate`) so
+that an append's fsync overwrites allocated blocks instead of growing the file. A record
+never has length 0, so zeros from a record boundary to the end of the file are the end
+of the log, not a torn tail. Zeros cannot mask a lost record either: a power cut during
+an overwrite may persist a later page of the batch and not an earlier one, leaving whole
+zero pages between records; recovery then drops everything from the first bad record on
+as a torn tail (the batch was not acknowledged), where any other bad record followed by a
+valid one refuses to open.
 """
 from __future__ import annotations
 
@@ -52,6 +60,8 @@ LOCK_NAME = "lock"
 _HEADER = struct.Struct("<II")          # payload length, crc32(payload)
 _SNAPSHOT_HEADER = struct.Struct("<QI")  # offset, crc32(offset bytes + data)
 _CHUNK_BYTES = 1024 * 1024
+_PAGE_BYTES = 4096                      # the unit a power cut persists or loses
+_ZERO_PAGE = bytes(_PAGE_BYTES)
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
 _SNAPSHOT_NAME = re.compile(r"^(\d{20})\.snap$")
 _SNAPSHOT_TEMP_SUFFIX = ".tmp-meta"     # DESIGN §7: stray files carry `lock` or `meta`
@@ -143,6 +153,13 @@ def _write_all(disk: Disk, fd, data: bytes) -> None:
         view = view[disk.write(fd, view):]
 
 
+def _pwrite_all(disk: Disk, fd, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = disk.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def segment_name(first_offset: int) -> str:
     return f"{first_offset:020d}.seg"
 
@@ -160,16 +177,36 @@ def _find_valid_record(buf: memoryview, start: int) -> int:
     """Byte position of the first well-formed record at or after `start`, or -1.
 
     This is what tells a torn tail (nothing valid after the bad record) from corruption
-    in the middle (valid records follow), so it looks at every byte position.
+    in the middle (valid records follow), so it looks at every byte position up to the
+    last non-zero byte (a record's length is never 0; a preallocated tail is all zeros).
     """
     unpack = _HEADER.unpack_from
     size = len(buf)
-    for q in range(start, size - _HEADER.size + 1):
+    last = len(bytes(buf).rstrip(b"\0"))    # a record starts before its last non-zero byte
+    for q in range(start, min(size - _HEADER.size + 1, last)):
         length, crc = unpack(buf, q)
         body = q + _HEADER.size
         if 0 < length <= size - body and zlib.crc32(buf[body:body + length]) == crc:
             return q
     return -1
+
+
+def _zeros_to_end(disk: Disk, fd, pos: int) -> bool:
+    """Whether the file holds only zeros from byte `pos` to its end."""
+    while chunk := disk.pread(fd, _CHUNK_BYTES, pos):
+        if chunk.count(0) != len(chunk):
+            return False
+        pos += len(chunk)
+    return True
+
+
+def _has_zero_page(buf: memoryview, pos: int) -> bool:
+    """Whether `buf`, the file's bytes from byte `pos` on, holds a whole page of zeros
+    (aligned in the file): a page of preallocated space that a power cut kept from
+    being overwritten, while a later page of the same write reached the disk."""
+    first = -pos % _PAGE_BYTES
+    return any(buf[q:q + _PAGE_BYTES] == _ZERO_PAGE
+               for q in range(first, len(buf) - _PAGE_BYTES + 1, _PAGE_BYTES))
 
 
 # --------------------------------------------------------------------------- reading
@@ -188,6 +225,9 @@ class _Cursor:
         self.pos = 0
         self.offset = first
         self.problem: str | None = None
+        # segment -> where its records end, as far as a writer knew: a hint that saves
+        # reading the zeros after them, never a bound on what is read
+        self.ends: dict[int, int] = {}
 
     @classmethod
     def at(cls, disk: Disk, directory: Path, start: int) -> "_Cursor | None":
@@ -232,9 +272,10 @@ class _Cursor:
         self.problem = None
         pos, offset, header = self.pos, self.offset, _HEADER.size
         unpack, crc32, disk = _HEADER.unpack_from, zlib.crc32, self.disk
+        limit = self.ends.get(self.first, 1 << 63)        # read no byte past it
         fd = disk.open(self.path, "r")
         try:
-            buf, i = disk.pread(fd, _CHUNK_BYTES, pos), 0   # buf[i] is at byte `pos`
+            buf, i = disk.pread(fd, min(_CHUNK_BYTES, limit - pos), pos), 0  # buf[i]: `pos`
             end = pos + len(buf)                            # where the next read starts
             while offset < stop_at:
                 avail = len(buf) - i
@@ -242,14 +283,19 @@ class _Cursor:
                 if avail >= header:
                     length, crc = unpack(buf, i)
                     if not 0 < length <= MAX_RECORD_BYTES:
+                        if length == 0 and _zeros_to_end(disk, fd, pos):
+                            return                  # preallocated space: the log ends
                         self.problem = f"bad record length {length}"
                         return
                     need = header + length
                 if avail < need:
-                    more = disk.pread(fd, max(_CHUNK_BYTES, need - avail), end)
+                    if end >= limit:        # records go on past the hint: read on
+                        limit = 1 << 63
+                    more = disk.pread(fd, min(max(_CHUNK_BYTES, need - avail),
+                                              limit - end), end)
                     end += len(more)
                     if not more:
-                        if avail:
+                        if avail and (avail >= header or buf.count(0, i) != avail):
                             self.problem = ("incomplete record header" if avail < header
                                             else "incomplete record")
                         return
@@ -276,8 +322,10 @@ class _Cursor:
             rest = memoryview(self.disk.pread(fd, self.disk.size(fd) - self.pos, self.pos))
         finally:
             self.disk.close(fd)
-        found = _find_valid_record(rest, 1)
-        if found >= 0:
+        found = _find_valid_record(rest, 0)
+        if found == 0:
+            return      # a writer appended since the scan read zeros or a partial record
+        if found > 0 and not _has_zero_page(rest[:found], self.pos):
             raise CorruptLog(self.path, self.offset, f"{self.problem}; a valid record "
                              f"follows at byte {self.pos + found}")
 
@@ -414,7 +462,8 @@ class SegmentLog:
         self._lock_fd = None
         self._fd = None
         self._seg_first = 0
-        self._seg_size = 0
+        self._seg_size = 0                # where the segment's records end
+        self._seg_alloc = 0               # its file's size: zeros from _seg_size on
         self._open = _Batch(0)            # where appends go
         self._inflight: _Batch | None = None
         self._flushed = 0                 # records below this are written (and fsync'd)
@@ -482,20 +531,21 @@ class SegmentLog:
 
     def _reopen_segment(self, cursor: _Cursor) -> None:
         disk = self.disk
-        self._fd = disk.open(cursor.path, "a")
+        self._fd = disk.open(cursor.path, "r+")
         if self.torn_tail is not None:
             disk.truncate(self._fd, cursor.pos)
             disk.fsync(self._fd)          # the truncation must stick before we append
         self._seg_first, self._seg_size = cursor.first, cursor.pos
+        self._seg_alloc = disk.size(self._fd)   # recovery read zeros from `pos` on
         self._flushed = cursor.offset
         self._open = _Batch(cursor.offset)
-        assert disk.size(self._fd) == cursor.pos
+        assert self._seg_alloc >= cursor.pos
 
     def _create_segment(self, first: int) -> None:
         path = self.directory / segment_name(first)
-        self._fd = self.disk.open(path, "x")
+        self._fd = self.disk.open(path, "x+")
         self.disk.fsync_dir(self.directory)
-        self._seg_first, self._seg_size = first, 0
+        self._seg_first, self._seg_size, self._seg_alloc = first, 0, 0
 
     # -- properties and lifecycle
 
@@ -527,6 +577,8 @@ class SegmentLog:
                         failure = failure or batch.failure
                     else:
                         self._cond.wait()
+                if self._failure is None:
+                    self._trim()
             finally:
                 self._closed = True
                 for fd in (self._fd, self._lock_fd):
@@ -540,6 +592,21 @@ class SegmentLog:
             writer.join()
         if failure is not None:           # what close had to write was not kept
             raise failure.exception() from failure.cause
+
+    def _trim(self) -> None:
+        """Cut the zeros preallocated past the last record, so that a closed log's files
+        hold its records only. Best effort: zeros left by a failure here, as by a crash,
+        read as the end of the log."""
+        if self._seg_alloc > self._seg_size:
+            try:
+                self.disk.truncate(self._fd, self._seg_size)
+                if self._fsync:
+                    self.disk.fsync(self._fd)
+            except OSError as exc:
+                _logger.warning("%s: preallocated space left at close: %s",
+                                self.directory, exc)
+            else:
+                self._seg_alloc = self._seg_size
 
     def sync(self) -> None:
         """Write what is queued and fsync it, even with fsync=False."""
@@ -695,13 +762,19 @@ class SegmentLog:
             if failure is not None:
                 return failure
         start = self._seg_size
+        end = start + len(data)
+        if end > self._seg_alloc and self.disk.preallocate:
+            failure = self._preallocate(end)
+            if failure is not None:
+                return failure
         try:
-            _write_all(disk, self._fd, data)
+            _pwrite_all(disk, self._fd, data, start)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 return self._undo_write(start, exc)
             return self._stop("write", exc)
-        self._seg_size = start + len(data)
+        self._seg_size = end
+        self._seg_alloc = max(self._seg_alloc, end)
         if sync:
             try:
                 disk.fsync(self._fd)
@@ -712,6 +785,32 @@ class SegmentLog:
             self.fsyncs += 1
         return None
 
+    def _preallocate(self, end: int) -> _Failure | None:
+        """Zero-fill the segment file to at least `end` (`Disk.preallocate` bytes past
+        the records, within the segment's size) and make that durable once, so that the
+        appends filling it overwrite allocated blocks and their fsyncs need not commit a
+        new file size. With no space for it the append grows the file as before."""
+        disk, old = self.disk, self._seg_alloc
+        new = max(end, min(old + disk.preallocate, self._segment_bytes))
+        try:
+            _pwrite_all(disk, self._fd, bytes(new - old), old)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                return self._stop("preallocating the segment", exc)
+            try:
+                disk.truncate(self._fd, old)
+            except OSError as again:
+                return self._stop("truncate after a full disk", again)
+            return None
+        if self._fsync:
+            try:
+                disk.fsync(self._fd)
+                self.fsyncs += 1
+            except OSError as exc:
+                return self._stop("fsync", exc)
+        self._seg_alloc = new
+        return None
+
     def _undo_write(self, start: int, exc: OSError) -> _Failure:
         """Cut what a full disk let through, durably: a record of a refused append must
         never come back after a crash."""
@@ -720,6 +819,7 @@ class SegmentLog:
             self.disk.fsync(self._fd)
         except OSError as again:
             return self._stop("truncate after a full disk", again)
+        self._seg_alloc = start
         return _Failure(DiskFull, self.directory, f"no space left for the append ({exc})",
                         exc)
 
@@ -730,7 +830,14 @@ class SegmentLog:
         # Always fsync the old segment, even with fsync=False: a segment that has a
         # successor is then complete, which is what lets recovery call any bad record
         # outside the last segment corruption.
+        # Its preallocated zeros are cut first: only the last segment ends in zeros.
         disk = self.disk
+        if self._seg_alloc > self._seg_size:
+            try:
+                disk.truncate(self._fd, self._seg_size)
+            except OSError as exc:
+                return self._stop("truncating the segment's preallocated space", exc)
+            self._seg_alloc = self._seg_size
         try:
             disk.fsync(self._fd)
             self.fsyncs += 1
@@ -738,7 +845,7 @@ class SegmentLog:
             return self._stop("fsync", exc)
         path = self.directory / segment_name(first)
         try:
-            fd = disk.open(path, "x")
+            fd = disk.open(path, "x+")
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 return _Failure(DiskFull, self.directory, f"no space for a new segment "
@@ -750,18 +857,27 @@ class SegmentLog:
             disk.close(fd)
             return self._stop("fsync of the log directory", exc)
         disk.close(self._fd)
-        self._fd, self._seg_first, self._seg_size = fd, first, 0
+        self._fd, self._seg_first, self._seg_size, self._seg_alloc = fd, first, 0, 0
         return None
 
     # -- reading
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Stream (offset, payload) from `start` to `stop` or to what is written now."""
+        """Stream (offset, payload) from `start` to `stop` or to what is written now
+        (for the log's writer: what is durable, so that a reader never reads the
+        preallocated zeros after the records, nor a batch still being written)."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        ends = {}
+        if stop is None and not self.readonly:
+            stop = self._flushed
+            ends[self._seg_first] = self._seg_size   # racy with a roll-over: a hint
+            if start >= stop:
+                return
         cursor = _Cursor.at(self.disk, self.directory, start)
         if cursor is None:
             return
+        cursor.ends = ends
         expected = start
         for offset, payload in cursor.records(stop):
             if offset >= start:

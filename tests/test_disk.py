@@ -145,6 +145,25 @@ def test_a_full_disk_writes_short_then_refuses():
     assert d.write(h, b"z" * 100) == 100
 
 
+def test_positional_writes_overwrite_in_place_and_only_growth_needs_space():
+    d = disk()
+    h = d.open(f"{ROOT}/f", "x+")
+    assert d.pwrite(h, bytes(8), 0) == 8                     # preallocated zeros
+    d.fsync(h)
+    d.set_free_bytes(0)
+    assert d.pwrite(h, b"abc", 2) == 3                       # inside the file: no space
+    assert d.pread(h, 8, 0) == b"\0\0abc\0\0\0"
+    assert d.pwrite(h, b"xyz", 7) == 1                       # growth: short
+    with pytest.raises(OSError) as caught:
+        d.pwrite(h, b"!", 8)
+    assert caught.value.errno == errno.ENOSPC
+    d.crash(keep_bytes=0)                                    # the overwrite was not synced
+    assert content(d, "f") == bytes(8)
+    with pytest.raises(OSError) as caught:
+        d.pwrite(d.open(f"{ROOT}/f", "r"), b"no", 0)         # a read-only handle
+    assert caught.value.errno == errno.EBADF
+
+
 def test_corrupt_flips_one_bit_durably():
     d = disk()
     write(d, "f", b"\x00" * 16, sync=True)
@@ -202,6 +221,10 @@ def test_errors_match_the_real_file_system(tmp_path):
         d.close(h)
         with pytest.raises(FileExistsError):
             d.open(f"{root}/f", "x")
+        with pytest.raises(FileExistsError):
+            d.open(f"{root}/f", "x+")
+        with pytest.raises(FileNotFoundError):
+            d.open(f"{root}/missing", "r+")
         with pytest.raises(FileNotFoundError):
             d.open(f"{root}/missing", "a")
         with pytest.raises(FileNotFoundError):

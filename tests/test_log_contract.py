@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -202,12 +203,13 @@ class TestMemoryLog(LogContract):
 
 
 class SpyDisk(OsDisk):
-    """The real file system, remembering how much of each file its last fsync covered."""
+    """The real file system, remembering what each file held at its last fsync (the
+    log writes into preallocated zeros, so a size would say nothing)."""
 
     def __init__(self) -> None:
         self.fsyncs = 0
         self._paths: dict[int, str] = {}
-        self._synced: dict[str, int] = {}
+        self._synced: dict[str, bytes] = {}
 
     def open(self, path, mode: str) -> int:
         fd = super().open(path, mode)
@@ -215,20 +217,31 @@ class SpyDisk(OsDisk):
         return fd
 
     def fsync(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
+        with open(self._paths[fd], "rb") as f:
+            content = f.read()
         os.fsync(fd)
         self.fsyncs += 1
-        self._synced[self._paths[fd]] = size
+        self._synced[self._paths[fd]] = content
 
     def durable_bytes(self, path) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()[:self._synced.get(str(path), 0)]
+        return self._synced.get(str(path), b"")
 
 
 def durable_payloads(log: SegmentLog) -> bytes:
     """Every segment's bytes that an fsync covered, joined."""
     names = sorted(n for n in log.disk.list_dir(log.directory) if n.endswith(".seg"))
     return b"".join(log.disk.durable_bytes(log.directory / n) for n in names)
+
+
+def preallocations(log: SegmentLog) -> int:
+    """At most how many fsyncs of zero-filled space the log's segments took: one per
+    `preallocate` bytes, one short of it at the segment's end, one cut off when it
+    rolled over."""
+    if not log.disk.preallocate:
+        return 0
+    names = [n for n in log.disk.list_dir(log.directory) if n.endswith(".seg")]
+    return sum(-(-log.disk.file_size(log.directory / n) // log.disk.preallocate) + 2
+               for n in names)
 
 
 class TestSegmentLog(LogContract):
@@ -294,7 +307,8 @@ class TestSegmentLog(LogContract):
         asyncio.run(main())
         assert log.next_offset == 64
         assert not_durable_when_acknowledged == []
-        assert 1 <= log.disk.fsyncs < 64, "one fsync must cover many appends"
+        assert log.disk.fsyncs >= 1
+        assert log.disk.fsyncs - preallocations(log) < 64, "one fsync must cover many appends"
 
     def test_threads_are_acknowledged_only_once_durable(self, make):
         log = make()
@@ -313,7 +327,7 @@ class TestSegmentLog(LogContract):
         for thread in threads:
             thread.join()
         assert log.next_offset == 160 and missing == []
-        assert 1 <= log.disk.fsyncs <= 160
+        assert 1 <= log.disk.fsyncs and log.disk.fsyncs - preallocations(log) <= 160
 
 
 class TestSegmentLogOnSimDisk(TestSegmentLog):
@@ -326,6 +340,15 @@ class TestSegmentLogOnSimDisk(TestSegmentLog):
     @pytest.fixture
     def base(self):
         return Path("/sim")
+
+
+class TestSegmentLogOnPreallocatingSimDisk(TestSegmentLogOnSimDisk):
+    """The same contract when segments are zero-filled ahead of the appends, a little at
+    a time so that the appends cross from preallocated space into new space often."""
+
+    @pytest.fixture
+    def disk(self):
+        return SimDisk(random.Random(0), inline=False, preallocate=48)
 
 
 class TestSegmentLogOnInlineSimDisk(LogContract):
@@ -400,6 +423,107 @@ def test_torn_header_and_bad_crc_in_final_record_are_tails(tmp_path):
         assert log.torn_tail.position == last_start
         assert log.torn_tail.bytes_dropped == len(data) + 2 - last_start
         assert [p for _, p in log.read()] == items[:5]
+
+
+def test_a_preallocated_tail_is_the_end_of_the_log_not_a_torn_tail(tmp_path):
+    directory, copy = tmp_path / "log", tmp_path / "copy"
+    items = [payload("z", i) * 4 for i in range(10)]
+    log = SegmentLog(directory)
+    log.append(items[:6])
+    segment = directory / segment_name(0)
+    records_end = record_positions_before_zeros(segment)[-1][1]
+    assert segment.stat().st_size == OsDisk.preallocate > records_end
+    shutil.copytree(directory, copy)                # what a power cut now would leave
+    log.close()
+    assert segment.stat().st_size == records_end    # a closed log's files: records only
+    with SegmentLog(copy) as again:
+        assert again.torn_tail is None
+        assert [p for _, p in again.read()] == items[:6]
+        assert again.append(items[6:]) == 6         # written over the zeros in place
+        assert (copy / segment_name(0)).stat().st_size == OsDisk.preallocate
+        reader = SegmentLog(copy, readonly=True)
+        assert reader.torn_tail is None and [p for _, p in reader.read()] == items
+    assert (copy / segment_name(0)).stat().st_size == segment.stat().st_size + sum(
+        8 + len(item) for item in items[6:])
+
+
+class ReadCountingDisk(OsDisk):
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def pread(self, handle, size: int, offset: int) -> bytes:
+        data = super().pread(handle, size, offset)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_the_writer_reads_its_records_and_not_the_zeros_after_them(tmp_path):
+    """A host serves its events from its own log again and again: each read must cost
+    the records asked for, not the preallocated space after them."""
+    disk = ReadCountingDisk()
+    items = [payload("r", i) for i in range(20)]
+    with SegmentLog(tmp_path / "log", disk=disk) as log:
+        log.append(items)
+        records_end = record_positions_before_zeros(tmp_path / "log" / segment_name(0))[-1][1]
+        for start in (0, 10, 19, 20):
+            disk.read_bytes = 0
+            assert [p for _, p in log.read(start)] == items[start:]
+            assert disk.read_bytes <= records_end, (start, disk.read_bytes)
+
+
+def record_positions_before_zeros(segment: Path) -> list[tuple[int, int]]:
+    data = segment.read_bytes()
+    out, pos = [], 0
+    while pos + 8 <= len(data) and (length := int.from_bytes(data[pos:pos + 4], "little")):
+        out.append((pos, pos + 8 + length))
+        pos += 8 + length
+    return out
+
+
+def preallocated_log(directory: Path, sizes: list[int]) -> tuple[list[bytes], Path]:
+    """A log left open as a power cut would leave it: records, then preallocated zeros."""
+    items = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+    work = directory.parent / (directory.name + "-open")
+    log = SegmentLog(work)
+    log.append(items)
+    shutil.copytree(work, directory)
+    log.close()
+    return items, directory / segment_name(0)
+
+
+def test_zero_pages_inside_the_last_write_make_a_torn_tail(tmp_path):
+    """A power cut during an overwrite of preallocated space may keep a later page of
+    the write and lose an earlier one: the records after the zeroed page were never
+    acknowledged, so they are dropped with it rather than refusing to open."""
+    directory = tmp_path / "log"
+    items, segment = preallocated_log(directory, [100, 200, 5000, 3000, 200])
+    spans = record_positions_before_zeros(segment)
+    page = -(-spans[2][0] // 4096) * 4096           # a page inside records 2 and 3
+    assert spans[2][0] < page and page + 4096 < spans[4][0]
+    data = bytearray(segment.read_bytes())
+    data[page:page + 4096] = bytes(4096)            # that page never reached the disk
+    segment.write_bytes(bytes(data))
+    for readonly in (True, False):
+        with SegmentLog(directory, readonly=readonly) as log:
+            assert log.torn_tail == TornTail(segment=str(segment), offset=2,
+                                             position=spans[2][0],
+                                             bytes_dropped=len(data) - spans[2][0])
+            assert [p for _, p in log.read()] == items[:2]
+
+
+def test_zeros_short_of_a_page_before_a_valid_record_refuse_to_open(tmp_path):
+    """Only whole zero pages are a lost overwrite: a zeroed header with valid records
+    after it is damage before the tail."""
+    directory = tmp_path / "log"
+    items, segment = preallocated_log(directory, [100, 200, 5000, 3000, 200])
+    spans = record_positions_before_zeros(segment)
+    data = bytearray(segment.read_bytes())
+    data[spans[1][0]:spans[1][0] + 8] = bytes(8)
+    segment.write_bytes(bytes(data))
+    for readonly in (False, True):
+        with pytest.raises(CorruptLog) as caught:
+            SegmentLog(directory, readonly=readonly)
+        assert (caught.value.path, caught.value.offset) == (str(segment), 1)
 
 
 def test_flipped_bit_in_a_middle_record_refuses_to_open(tmp_path):
@@ -789,6 +913,33 @@ def test_a_full_disk_refuses_the_append_and_the_log_goes_on():
     with reopened(disk) as again:
         assert again.torn_tail is None
         assert [p for _, p in again.read()] == [b"before-1", b"before-2", b"after"]
+
+
+def test_a_full_disk_appends_into_preallocated_space_then_grows_without_it():
+    disk = SimDisk(random.Random(1), preallocate=1024)
+    log = SegmentLog(SIM_LOG, disk=disk)
+    segment = SIM_LOG / segment_name(0)
+    items = [payload("p", i) * 10 for i in range(40)]
+    ends = [sum(8 + len(item) for item in items[:i + 1]) for i in range(len(items))]
+    fit = sum(1 for end in ends if end <= 1024)               # records inside 1024 bytes
+    log.append(items[:1])
+    assert disk.file_size(segment) == 1024
+    disk.set_free_bytes(0)
+    for i in range(1, fit):
+        assert log.append([items[i]]) == i                     # no space needed
+    with pytest.raises(DiskFull):                              # no room to grow at all
+        log.append([items[fit]])
+    # What the refused append wrote is cut, and the zeros after the records with it.
+    assert disk.file_size(segment) == ends[fit - 1]
+    disk.set_free_bytes(ends[fit] - ends[fit - 1])             # room for the record only
+    assert log.append([items[fit]]) == fit
+    assert disk.file_size(segment) == ends[fit]
+    disk.set_free_bytes(None)
+    assert log.append(items[fit + 1:]) == fit + 1
+    disk.crash(keep_bytes=0)
+    with reopened(disk) as again:
+        assert again.torn_tail is None
+        assert [p for _, p in again.read()] == items
 
 
 def test_a_refused_append_never_comes_back_after_a_crash():

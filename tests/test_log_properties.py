@@ -128,9 +128,9 @@ def record_ends(items: list[bytes]) -> list[int]:
 
 def cut_during_last_fsync(keep_bytes: int | None, keep_changes: int | None, seed: int,
                           acked: list[list[bytes]], last: list[bytes],
-                          segment_bytes: int) -> SimDisk:
+                          segment_bytes: int, preallocate: int = 0) -> SimDisk:
     """Append `acked` (each acknowledged), then `last`, whose fsync the power cuts."""
-    disk = SimDisk(random.Random(seed))
+    disk = SimDisk(random.Random(seed), preallocate=preallocate)
     log = SegmentLog(SIM_DIR, disk=disk, segment_bytes=segment_bytes)
     for batch in acked:
         log.append(batch)
@@ -173,12 +173,42 @@ def test_power_cut_at_every_byte_of_the_last_batch(segment_bytes):
             assert [p for _, p in log.read()][-1] == b"after"
 
 
+def test_power_cut_at_every_byte_of_the_last_batch_into_preallocated_space():
+    """The same cuts when the last batch overwrites zeros the log preallocated: what the
+    cut kept of the batch, then zeros to the end of the file."""
+    acked = acked_batches(12)
+    last = [b"last-%d-" % k + b"y" * k for k in range(4)]
+    expected = [item for batch in acked for item in batch]
+    start = sum(HEADER_BYTES + len(item) for item in expected)
+    ends = record_ends(last)
+    for keep in range(ends[-1] + 1):
+        disk = cut_during_last_fsync(keep, 0, 0, acked, last, 4096, preallocate=4096)
+        assert disk.file_size(SIM_DIR / segment_name(0)) == 4096
+        with SegmentLog(SIM_DIR, disk=disk, segment_bytes=4096) as log:
+            whole = sum(1 for end in ends if end <= keep)
+            assert [p for _, p in log.read()] == expected + last[:whole], f"keep {keep}"
+            boundary = start + [0, *ends][whole]
+            if keep in (0, *ends):
+                assert log.torn_tail is None, f"keep {keep}"
+            else:
+                assert log.torn_tail == TornTail(segment=str(SIM_DIR / segment_name(0)),
+                                                 offset=len(expected) + whole,
+                                                 position=boundary,
+                                                 bytes_dropped=4096 - boundary)
+            assert log.append([b"after"]) == len(expected) + whole
+        with SegmentLog(SIM_DIR, disk=disk, segment_bytes=4096) as log:
+            assert log.torn_tail is None
+            assert [p for _, p in log.read()][-1] == b"after"
+
+
 @PROPERTY_SETTINGS
 @given(batches=batches, last=st.lists(payloads, min_size=1, max_size=6),
-       segment_bytes=segment_sizes, seed=st.integers(0, 2 ** 32 - 1))
+       segment_bytes=segment_sizes, seed=st.integers(0, 2 ** 32 - 1),
+       preallocate=st.sampled_from([0, 16, 4096]))
 def test_random_power_cuts_keep_every_acknowledged_record(batches, last, segment_bytes,
-                                                          seed):
-    disk = cut_during_last_fsync(None, None, seed, batches, last, segment_bytes)
+                                                          seed, preallocate):
+    disk = cut_during_last_fsync(None, None, seed, batches, last, segment_bytes,
+                                 preallocate)
     acked = [item for batch in batches for item in batch]
     with SegmentLog(SIM_DIR, disk=disk, segment_bytes=segment_bytes) as log:
         records = [p for _, p in log.read()]
@@ -186,10 +216,12 @@ def test_random_power_cuts_keep_every_acknowledged_record(batches, last, segment
     assert records[len(acked):] == last[:len(records) - len(acked)], f"seed {seed}"
 
 
+@pytest.mark.parametrize("zeros", [0, 3, 5000], ids=["cut", "cut+3-zeros", "cut+zeros"])
 @pytest.mark.parametrize("segment_bytes", [4096, 150], ids=["one-segment", "segments"])
-def test_real_files_cut_at_every_byte_of_the_last_batches(tmp_path, segment_bytes):
+def test_real_files_cut_at_every_byte_of_the_last_batches(tmp_path, segment_bytes, zeros):
     """A cut keeps exactly the whole records before it: the acknowledged prefix when the
-    cut is past it, and never a garbled record."""
+    cut is past it, and never a garbled record; so does a cut followed by zeros, which
+    is what a power cut leaves of a write into preallocated space."""
     origin = tmp_path / "origin"
     all_batches = acked_batches(15)
     items = write(origin, all_batches, segment_bytes)
@@ -202,7 +234,7 @@ def test_real_files_cut_at_every_byte_of_the_last_batches(tmp_path, segment_byte
     for cut in range(first_cut, len(content) + 1):
         directory = tmp_path / f"cut-{cut}"
         shutil.copytree(origin, directory)
-        (directory / last.name).write_bytes(content[:cut])
+        (directory / last.name).write_bytes(content[:cut] + bytes(zeros))
         kept = sum(1 for seg, _, end in records if seg != last or end <= cut)
         with SegmentLog(directory, segment_bytes=segment_bytes) as log:
             assert list(log.read()) == list(enumerate(items[:kept])), f"cut {cut}"
