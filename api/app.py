@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from collections import Counter
 import secrets
 import time
 import uuid as uuidlib
@@ -161,6 +162,14 @@ class Api:
         self._flavors: tuple[float, list] | None = None
         self._hosts_up: tuple[float, dict] | None = None
         self.lookups = ServerLookups(self)
+        # Requests served and the cluster calls they made, by name (`stats`).
+        self.requests = 0
+        self.cluster_calls: Counter[str] = Counter()
+
+    def stats(self) -> dict:
+        """Requests served so far and the cluster calls (each a round trip to the
+        controller) made for them, by `Cluster` method."""
+        return {"requests": self.requests, "cluster_calls": dict(self.cluster_calls)}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -168,6 +177,7 @@ class Api:
         """Run a blocking `Cluster` call off the event loop; refusals become ApiError."""
         from vmresize.actors.controller import OperationError
         loop = asyncio.get_running_loop()
+        self.cluster_calls[fn.__name__] += 1
         try:
             return await loop.run_in_executor(self.pool, partial(fn, *args, **kw))
         except OperationError as exc:
@@ -175,6 +185,7 @@ class Api:
 
     def endpoint(self, handler, compute: bool = True, authenticated: bool = True):
         async def run(request: Request) -> Response:
+            self.requests += 1
             request_id = f"req-{uuidlib.uuid4()}"
             version = microversions.MIN_VERSION
             try:
