@@ -102,6 +102,48 @@ def _flag(value: str | None) -> bool | None:
     return value.strip().lower() in ("true", "1", "yes", "on")
 
 
+class Refreshed:
+    """A value fetched from the cluster and kept for `ttl_s`. Readers of an expired
+    value share one fetch (never one per request); a `fresh` reader, and every reader
+    after `invalidate`, gets a fetch sent after it arrived, so it sees every change
+    acknowledged before it."""
+
+    def __init__(self, fetch, ttl_s: float, clock=time.monotonic):
+        self.fetch = fetch
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.value = None
+        self.at = 0.0
+        self.generation = 0           # bumped by `invalidate` and by every fetch sent
+        self.inflight: tuple[int, asyncio.Future] | None = None
+
+    async def get(self, fresh: bool = False):
+        if not fresh and self.value is not None and self.clock() - self.at <= self.ttl_s:
+            return self.value
+        if fresh or self.inflight is None:
+            return await self._send()
+        return await asyncio.shield(self.inflight[1])
+
+    def invalidate(self) -> None:
+        self.value = None
+        self.generation += 1
+        self.inflight = None          # a fetch sent before the change is joined by none
+
+    async def _send(self):
+        self.generation += 1
+        generation = self.generation
+        future = asyncio.ensure_future(self.fetch())
+        self.inflight = (generation, future)
+        try:
+            value = await asyncio.shield(future)
+        finally:
+            if self.inflight is not None and self.inflight[0] == generation:
+                self.inflight = None
+        if generation == self.generation:     # no newer fetch nor change since
+            self.value, self.at = value, self.clock()
+        return value
+
+
 class ServerLookups:
     """Lookups of one server each, made by concurrent requests, sent to the cluster as
     one `servers_of` call: while a call is in flight, the lookups that arrive wait for
@@ -159,8 +201,8 @@ class Api:
         # Flavors and host liveness change rarely and every server view needs them:
         # kept for CACHE_S (flavors are fetched again when a lookup misses, and at
         # once after this process changed them).
-        self._flavors: tuple[float, list] | None = None
-        self._hosts_up: tuple[float, dict] | None = None
+        self._flavors = Refreshed(lambda: self.call(self.cluster.flavors), CACHE_S)
+        self._hosts_up = Refreshed(self._fetch_hosts_up, CACHE_S)
         self.lookups = ServerLookups(self)
         # Requests served and the cluster calls they made, by name (`stats`).
         self.requests = 0
@@ -234,21 +276,17 @@ class Api:
             raise bad_request("Malformed request body") from None
 
     async def load_flavors(self, ctx: Ctx, fresh: bool = False) -> list:
-        cached = self._flavors
-        if fresh or cached is None or time.monotonic() - cached[0] > CACHE_S:
-            cached = self._flavors = (time.monotonic(), await self.call(self.cluster.flavors))
-        ctx.flavors = cached[1]
+        ctx.flavors = await self._flavors.get(fresh)
         return ctx.flavors
 
     async def hosts_up(self, ctx: Ctx) -> None:
         """Host liveness for `host_status` (2.16+, admin)."""
         if ctx.version < (2, 16) or not ctx.admin:
             return
-        cached = self._hosts_up
-        if cached is None or time.monotonic() - cached[0] > CACHE_S:
-            hosts = await self.call(self.cluster.hosts)
-            cached = self._hosts_up = (time.monotonic(), {h.name: h.up for h in hosts})
-        ctx.hosts_up = cached[1]
+        ctx.hosts_up = await self._hosts_up.get()
+
+    async def _fetch_hosts_up(self) -> dict[str, bool]:
+        return {h.name: h.up for h in await self.call(self.cluster.hosts)}
 
     async def server(self, ctx: Ctx, server_id: str, rule: str):
         """The server named by the path, or 404; checks the caller may `rule` it."""
@@ -433,7 +471,7 @@ class Api:
         info = await self.call(self.cluster.create_flavor, flavor, spec["id"],
                                is_public=spec["is_public"], description=spec["description"],
                                request_id=ctx.request_id)
-        self._flavors = None
+        self._flavors.invalidate()
         return _json({"flavor": views.flavor_doc(info, ctx.base, ctx.version)})
 
     async def delete_flavor(self, request: Request, ctx: Ctx) -> Response:
@@ -441,7 +479,7 @@ class Api:
         flavor_id = request.path_params["id"]
         await self._flavor(ctx, flavor_id)
         await self.call(self.cluster.delete_flavor, flavor_id, request_id=ctx.request_id)
-        self._flavors = None
+        self._flavors.invalidate()
         return _empty(202)
 
     # ------------------------------------------------------------------ migrations

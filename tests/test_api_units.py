@@ -158,3 +158,58 @@ def test_concurrent_server_lookups_share_a_round_trip_and_never_join_an_earlier_
     assert first == "ACTIVE"
     assert later == ["RESIZE", None, "RESIZE"]
     assert calls == [["a"], ["a", "b"]]
+
+
+class _HeldFetch:
+    """A fetch that reads `state` when it is sent and answers once `release` is set."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.sent: list[str] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self):
+        seen = self.state["flavors"]
+        self.sent.append(seen)
+        await self.release.wait()
+        return seen
+
+
+async def _steps(n: int = 10) -> None:
+    """Let the event loop run the tasks just started up to their first wait."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_expired_value_readers_share_one_fetch_and_fresh_ones_never_join_an_earlier_one():
+    from vmresize.api.app import Refreshed
+
+    async def scenario():
+        now = [0.0]
+        fetch = _HeldFetch({"flavors": "v1"})
+        cached = Refreshed(fetch, 1.0, clock=lambda: now[0])
+        readers = [asyncio.ensure_future(cached.get()) for _ in range(20)]
+        await _steps()
+        assert fetch.sent == ["v1"]                # twenty readers, one fetch
+        fetch.state["flavors"] = "v2"              # a change acknowledged meanwhile
+        fresh = asyncio.ensure_future(cached.get(fresh=True))
+        await _steps()
+        fetch.release.set()
+        shared, fresh = await asyncio.gather(*readers), await fresh
+        kept = await cached.get()                  # within the ttl: no fetch
+        fetch.state["flavors"] = "v3"
+        fetch.release.clear()
+        now[0] = 5.0                               # expired: one fetch for the two
+        late = [asyncio.ensure_future(cached.get()) for _ in range(2)]
+        await _steps()
+        fetch.state["flavors"] = "v4"
+        cached.invalidate()                        # this process changed it
+        after = asyncio.ensure_future(cached.get())
+        await _steps()
+        fetch.release.set()
+        return shared, fresh, kept, await asyncio.gather(*late), await after, fetch.sent
+
+    shared, fresh, kept, late, after, sent = asyncio.run(scenario())
+    assert set(shared) == {"v1"} and fresh == "v2" and kept == "v2"
+    assert late == ["v3", "v3"] and after == "v4"
+    assert sent == ["v1", "v2", "v3", "v4"]
