@@ -188,6 +188,97 @@ class ServerLookups:
             self.draining = False
 
 
+class ServerViews:
+    """The servers as the controller's `server_changes` last told, followed by a long
+    poll from the first lookup on, so that a lookup needs no round trip of its own.
+
+    Reads stay consistent for the callers: a server changed through this process is
+    read from the view only once the view has reached the change number that the
+    change's answer carried (waiting up to CATCH_UP_S for the poll to bring it), so a
+    caller sees its own writes (a resize's 202, then RESIZE); the view only moves
+    forward. Unknown servers, those the view has not caught up with, and every server
+    while the poll fails (a controller restarting) are asked of the controller through
+    `lookups`. A cluster without `server_changes` is always asked."""
+
+    POLL_S = 5.0           # how long the controller holds a poll when nothing changed
+    CATCH_UP_S = 2.0
+    RETRY_S = (0.05, 2.0)  # the poll's backoff while the controller does not answer
+
+    def __init__(self, api: "Api", lookups: "ServerLookups"):
+        self.api = api
+        self.lookups = lookups
+        self.follows = callable(getattr(api.cluster, "server_changes", None))
+        self.views: dict = {}
+        self.epoch, self.seq = "", 0
+        self.live = False
+        self.task: asyncio.Future | None = None
+        self.marks: dict[str, tuple[str, int]] = {}    # uuid -> its change through us
+        self.waiters: list[tuple[int, asyncio.Future]] = []
+
+    def changed(self, uuid: str) -> None:
+        """This process changed `uuid` (its call has answered): reads of it wait for
+        the view to reach that change."""
+        if self.follows:
+            self.marks[uuid] = self.api.cluster.change_mark()
+
+    async def get(self, uuid: str):
+        """The server's view, or None if the cluster has no instance of that uuid."""
+        if not self.follows:
+            return await self.lookups.get(uuid)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._follow())
+        mark = self.marks.get(uuid)
+        if mark is not None:
+            if not await self._reach(mark):
+                return await self.lookups.get(uuid)
+            if self.marks.get(uuid) == mark:
+                del self.marks[uuid]
+        view = self.views.get(uuid) if self.live else None
+        return view if view is not None else await self.lookups.get(uuid)
+
+    async def _reach(self, mark: tuple[str, int]) -> bool:
+        epoch, seq = mark
+        if self.live and epoch == self.epoch and self.seq < seq:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append((seq, waiter))
+            try:
+                await asyncio.wait_for(waiter, self.CATCH_UP_S)
+            except asyncio.TimeoutError:
+                return False
+        return self.live and epoch == self.epoch and self.seq >= seq
+
+    async def _follow(self) -> None:
+        delay = self.RETRY_S[0]
+        while True:
+            try:
+                epoch, seq, views = await self.api.call(
+                    self.api.cluster.server_changes, self.epoch, self.seq, self.POLL_S)
+            except Exception:      # the controller restarting: lookups go to it
+                self.live = False
+                self._wake()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RETRY_S[1])
+                continue
+            delay = self.RETRY_S[0]
+            if epoch != self.epoch:
+                self.views = {}    # a restarted controller: every server anew
+            for view in views:
+                self.views[view.instance.uuid] = view
+            self.epoch, self.seq, self.live = epoch, seq, True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiting = []
+        for seq, waiter in self.waiters:
+            if waiter.done():
+                continue
+            if self.live and seq > self.seq:
+                waiting.append((seq, waiter))
+            else:
+                waiter.set_result(None)
+        self.waiters = waiting
+
+
 class Api:
     def __init__(self, cfg, cluster, tokens: auth.Tokens | None = None,
                  public_url: str = "", threads: int = 64):
@@ -204,6 +295,7 @@ class Api:
         self._flavors = Refreshed(lambda: self.call(self.cluster.flavors), CACHE_S)
         self._hosts_up = Refreshed(self._fetch_hosts_up, CACHE_S)
         self.lookups = ServerLookups(self)
+        self.views = ServerViews(self, self.lookups)
         # Requests served and the cluster calls they made, by name (`stats`).
         self.requests = 0
         self.cluster_calls: Counter[str] = Counter()
@@ -292,7 +384,7 @@ class Api:
         """The server named by the path, or 404; checks the caller may `rule` it."""
         if not _is_uuid(server_id):
             raise not_found(f"Instance {server_id} could not be found.")
-        view = await self.lookups.get(server_id)
+        view = await self.views.get(server_id)
         if view is None or view.instance.deleted:
             raise not_found(f"Instance {server_id} could not be found.")
         auth.authorize(ctx.caller, rule, view.project or ctx.default_project)
@@ -364,6 +456,7 @@ class Api:
         inst = await self.call(self.cluster.boot, spec["name"], flavor.flavor.name, host,
                                request_id=ctx.request_id, project_id=ctx.caller.project_id,
                                user_id=ctx.caller.user_id, image_id=image_id)
+        self.views.changed(inst.uuid)
         doc = {"id": inst.uuid, "links": views.links(ctx.base, "servers", inst.uuid),
                "OS-DCF:diskConfig": "MANUAL", "security_groups": [{"name": "default"}],
                "adminPass": secrets.token_urlsafe(9)}
@@ -372,7 +465,10 @@ class Api:
 
     async def delete_server(self, request: Request, ctx: Ctx) -> Response:
         view = await self.server(ctx, request.path_params["id"], "servers:delete")
-        await self.lifecycle(ctx, "delete", view.instance.name)
+        try:
+            await self.lifecycle(ctx, "delete", view.instance.name)
+        finally:
+            self.views.changed(view.instance.uuid)
         return _empty(204)
 
     async def _flavor_ref(self, ctx: Ctx, ref, field: str):
@@ -418,7 +514,10 @@ class Api:
             raise bad_request(f"There is no such action: {action}")
         rule = "migrate" if action == "migrate" else f"servers:{action}"
         view = await self.server(ctx, server_id, rule)
-        return await handler(self, ctx, view, arg)
+        try:
+            return await handler(self, ctx, view, arg)
+        finally:
+            self.views.changed(view.instance.uuid)
 
     async def lifecycle(self, ctx: Ctx, op: str, name: str, **kw):
         """stop / start / reboot / delete through `Cluster.<op>(name, ...)`."""

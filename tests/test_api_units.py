@@ -213,3 +213,86 @@ def test_expired_value_readers_share_one_fetch_and_fresh_ones_never_join_an_earl
     assert set(shared) == {"v1"} and fresh == "v2" and kept == "v2"
     assert late == ["v3", "v3"] and after == "v4"
     assert sent == ["v1", "v2", "v3", "v4"]
+
+
+class _View:
+    def __init__(self, uuid: str, status: str):
+        self.instance = type("Instance", (), {"uuid": uuid})()
+        self.status = status
+
+
+class _FollowedCluster:
+    """`server_changes` answers with what the test queues (a reply or an exception);
+    `servers_of` (the direct lookup) answers from `state` at once."""
+
+    def __init__(self):
+        self.state: dict[str, str] = {}
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.polls: list[tuple[str, int]] = []
+        self.direct: list[list[str]] = []
+        self.mark = ("e1", 0)
+
+    async def call(self, fn, *args):
+        return await fn(*args)
+
+    async def server_changes(self, epoch, since, wait_s):
+        self.polls.append((epoch, since))
+        reply = await self.replies.get()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def servers_of(self, uuids):
+        self.direct.append(list(uuids))
+        return [_View(u, self.state[u]) if u in self.state else None for u in uuids]
+
+    def change_mark(self):
+        return self.mark
+
+    def changes(self, epoch: str, seq: int, *uuids: str):
+        return (epoch, seq, [_View(u, self.state[u]) for u in uuids])
+
+
+def test_server_views_follow_the_controller_and_a_writer_reads_its_own_write():
+    from vmresize.api.app import ServerLookups, ServerViews
+
+    async def scenario():
+        c = _FollowedCluster()
+        api = type("Api", (), {"cluster": c, "call": staticmethod(c.call)})
+        views = ServerViews(api, ServerLookups(api))
+        views.RETRY_S = (0.001, 0.001)
+        c.state.update(a="ACTIVE", b="ACTIVE")
+        seen = [(await views.get("a")).status]          # not following yet: asked
+        assert c.direct == [["a"]] and c.polls == [("", 0)]
+        c.replies.put_nowait(c.changes("e1", 1, "a", "b"))
+        await _steps()
+        seen.append((await views.get("a")).status)      # from the view
+        assert c.direct == [["a"]] and c.polls[-1] == ("e1", 1)
+        c.state["a"], c.mark = "RESIZE", ("e1", 2)      # this process resized a
+        views.changed("a")
+        c.state["b"] = "SHUTOFF"                         # another client stopped b
+        a_read = asyncio.ensure_future(views.get("a"))
+        seen.append((await views.get("b")).status)      # not ours: the view's, at once
+        await _steps()
+        assert not a_read.done()                         # waits for the view to reach 2
+        c.replies.put_nowait(c.changes("e1", 2, "a", "b"))
+        seen.append((await a_read).status)
+        seen.append((await views.get("b")).status)
+        assert await views.get("nope") is None and c.direct[-1] == ["nope"]
+        c.replies.put_nowait(RuntimeError("controller restarting"))
+        await _steps()
+        c.state["a"] = "VERIFY_RESIZE"
+        seen.append((await views.get("a")).status)      # poll failing: asked
+        c.replies.put_nowait(c.changes("e2", 1, "a", "b"))   # restarted: all anew
+        for _ in range(1000):                            # the poll's retry, bounded
+            if views.live:
+                break
+            await asyncio.sleep(0.001)
+        asked = len(c.direct)
+        seen.append((await views.get("a")).status)
+        assert len(c.direct) == asked and c.polls[-1] == ("e2", 1)
+        views.task.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == ["ACTIVE", "ACTIVE", "ACTIVE", "RESIZE", "SHUTOFF",
+                                       "VERIFY_RESIZE", "VERIFY_RESIZE"]
