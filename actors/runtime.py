@@ -225,7 +225,8 @@ class ControllerActor:
             try:
                 await asyncio.wait_for(waiter, wait_s)
             except asyncio.TimeoutError:
-                pass
+                if waiter in self._change_waiters:    # no change: no waiter left behind
+                    self._change_waiters.remove(waiter)
         seq, views = ctl.server_changes(since)
         return self.epoch, seq, views
 
