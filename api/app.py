@@ -198,16 +198,18 @@ class ServerViews:
     caller sees its own writes (a resize's 202, then RESIZE); the view only moves
     forward. Unknown servers, those the view has not caught up with, and every server
     while the poll fails (a controller restarting) are asked of the controller through
-    `lookups`. A cluster without `server_changes` is always asked."""
+    `lookups`. A cluster without `server_changes`, and an API served by several
+    processes (Serve replicas: a caller's next request may reach another one), always
+    ask (`follow` False)."""
 
     POLL_S = 5.0           # how long the controller holds a poll when nothing changed
     CATCH_UP_S = 2.0
     RETRY_S = (0.05, 2.0)  # the poll's backoff while the controller does not answer
 
-    def __init__(self, api: "Api", lookups: "ServerLookups"):
+    def __init__(self, api: "Api", lookups: "ServerLookups", follow: bool = True):
         self.api = api
         self.lookups = lookups
-        self.follows = callable(getattr(api.cluster, "server_changes", None))
+        self.follows = follow and callable(getattr(api.cluster, "server_changes", None))
         self.views: dict = {}
         self.epoch, self.seq = "", 0
         self.live = False
@@ -295,7 +297,8 @@ class Api:
         self._flavors = Refreshed(lambda: self.call(self.cluster.flavors), CACHE_S)
         self._hosts_up = Refreshed(self._fetch_hosts_up, CACHE_S)
         self.lookups = ServerLookups(self)
-        self.views = ServerViews(self, self.lookups)
+        self.views = ServerViews(self, self.lookups, follow=cfg.api.runtime != "serve"
+                                 or cfg.api.replicas == 1)
         # Requests served and the cluster calls they made, by name (`stats`).
         self.requests = 0
         self.cluster_calls: Counter[str] = Counter()
