@@ -157,9 +157,9 @@ def main() -> None:
     port = free_ports(1)[0]
     (work / "cluster.yaml").write_text(cluster_yaml(args.hosts, port, args.runtime))
     started = time.perf_counter()
-    cli(work, "up")
-    up_s = time.perf_counter() - started
     try:
+        cli(work, "up")        # inside: an `up` that fails part way still gets its `down`
+        up_s = time.perf_counter() - started
         from vmresize.actors.api import Cluster
         from vmresize.config import load
         cluster = Cluster.connect(load(work / "cluster.yaml"))
