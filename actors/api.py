@@ -124,6 +124,7 @@ class Cluster:
         self.controller = controller
         self.owns_ray = owns_ray
         self.owns_actors = owns_actors
+        self.last_change = ("", 0)     # newest (epoch, seq) a call's answer carried
 
     def _start_cluster(cls, config_path, state_dir=None, ray_address=None, *, detached=False,
               faults=None, snapshot_every: int = 10_000,
@@ -176,7 +177,11 @@ class Cluster:
         # A request id chosen here makes Ray's retries (at-least-once) harmless.
         if kw.get("request_id") is None:
             kw["request_id"] = str(uuid.uuid4())
-        return self._unwrap(ray.get(self.controller.call.remote(method, *args, **kw)))
+        outcome = ray.get(self.controller.call.remote(method, *args, **kw))
+        epoch, seq = self.last_change
+        if outcome.epoch != epoch or outcome.seq > seq:
+            self.last_change = (outcome.epoch, outcome.seq)
+        return self._unwrap(outcome)
 
     def _query(self, what: str, *args):
         return self._unwrap(ray.get(self.controller.query.remote(what, *args)))
@@ -255,6 +260,18 @@ class Cluster:
     def servers_of(self, uuids: list[str]) -> list[ServerView | None]:
         """`server` of each uuid in one round trip; None for an unknown uuid."""
         return self._query("servers_of", list(uuids))
+
+    def server_changes(self, epoch: str, since: int,
+                       wait_s: float) -> tuple[str, int, list[ServerView]]:
+        """(epoch, newest change, the server views changed after change `since` of
+        `epoch`), waiting up to `wait_s` for a change; every server when `epoch` is not
+        the controller's (it restarted) or `since` is 0."""
+        return self._query("server_changes", epoch, since, wait_s)
+
+    def change_mark(self) -> tuple[str, int]:
+        """The newest (epoch, change) an answer to this process's calls carried: what
+        a reader of `server_changes` must reach to see every change they made."""
+        return self.last_change
 
     def servers(self, deleted: bool = False) -> list[ServerView]:
         """Every instance (or every deleted one) as `server` shows it."""

@@ -159,6 +159,28 @@ class Controller:
         self.down_until: dict[str, float] = {}     # host -> when to try it again
         self.round_trips = 0
         self._confirm_timers: dict[str, asyncio.Future] = {}
+        # Change numbers of the server views: `changed` holds each instance's last,
+        # oldest first; `on_change` (if set) is told of every new one.
+        self.change_seq = 0
+        self.changed: dict[str, int] = {}
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self, uuid: str) -> None:
+        """The server view of `uuid` changed (an instance's event, its request's)."""
+        if not uuid:
+            return
+        self.change_seq += 1
+        self.changed.pop(uuid, None)
+        self.changed[uuid] = self.change_seq
+        if self.on_change is not None:
+            self.on_change()
+
+    def _uuid_of_migration(self, mid: str) -> str:
+        mig = self.view.migrations.get(mid)
+        if mig is not None:
+            return mig.instance_uuid
+        r = self.by_migration.get(mid)
+        return r.instance_uuid if r is not None else ""
 
     # ------------------------------------------------------------------ log & view
 
@@ -219,6 +241,13 @@ class Controller:
             info = self.flavor_infos.get(e.name)
             if info is not None:
                 self.flavor_infos[e.name] = msgspec.structs.replace(info, deleted=True)
+        if t is ev.DestinationChosen or t is ev.RequestEnded:
+            r = self.requests.get(e.request_id)
+            self._changed((r.instance_uuid if r is not None else "")
+                          or self._uuid_of_migration(e.migration_id))
+        elif t not in (ev.FlavorCreated, ev.FlavorDeleted):
+            self._changed(getattr(e, "instance_uuid", "")
+                          or self._uuid_of_migration(getattr(e, "migration_id", "")))
 
     def _forget_requests(self, ended_id: str) -> None:
         """Keep the last `retain_requests` ended requests (their answers make a repeated
@@ -262,6 +291,7 @@ class Controller:
             uuid = getattr(env.event, "instance_uuid", None)
             if uuid:
                 self.touched[uuid] = env.wall_time
+            self._changed(uuid or self._uuid_of_migration(mid))
             if type(env.event) is ev.SpawnStarted:
                 self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
@@ -469,6 +499,21 @@ class Controller:
         API's concurrent lookups, batched."""
         return [self._server_view(i) if (i := self.view.instances.get(u)) is not None
                 else None for u in uuids]
+
+    def server_changes(self, since: int) -> tuple[int, list[ServerView]]:
+        """The newest change number and the server views (deleted ones too) changed
+        after change `since`: every server for 0, none when nothing changed."""
+        if since <= 0:
+            return self.change_seq, [self._server_view(i)
+                                     for i in self.view.instances.values()]
+        out = []
+        for uuid in reversed(self.changed):
+            if self.changed[uuid] <= since:
+                break
+            inst = self.view.instances.get(uuid)
+            if inst is not None:
+                out.append(self._server_view(inst))
+        return self.change_seq, out
 
     def servers(self, deleted: bool = False) -> list[ServerView]:
         return [self._server_view(i)

@@ -42,10 +42,14 @@ def namespace_for(cfg: ClusterConfig) -> str:
 
 
 class Outcome(msgspec.Struct, frozen=True):
-    """What a controller call returns over Ray: a value, or the refusal's message."""
+    """What a controller call returns over Ray: a value, or the refusal's message; and
+    the controller's newest server change (`epoch`, `seq`) when it answered, so that a
+    reader of `server_changes` knows how far to follow to see what the call did."""
     ok: bool
     value: object = None
     error: str = ""
+    epoch: str = ""
+    seq: int = 0
 
 
 def make_driver(cfg: ClusterConfig, spec: HostSpec, state_path: str | None,
@@ -176,6 +180,9 @@ class ControllerActor:
         self.namespace = namespace
         self.ctl: Controller | None = None
         self._starting: asyncio.Future | None = None
+        # This process's run of the controller: change numbers restart with it.
+        self.epoch = str(uuid.uuid4())
+        self._change_waiters: list[asyncio.Future] = []
 
     async def _controller(self) -> Controller:
         if self.ctl is None:
@@ -197,7 +204,31 @@ class ControllerActor:
             clock=time.time, sleep=asyncio.sleep, new_id=lambda: str(uuid.uuid4()),
             snapshot_dir=str(base / "snapshots"), snapshot_every=10_000)
         await ctl.start()
+        ctl.on_change = self._wake
         self.ctl = ctl
+
+    def _wake(self) -> None:
+        waiters, self._change_waiters = self._change_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def _server_changes(self, ctl: Controller, epoch: str, since: int,
+                              wait_s: float) -> tuple[str, int, list]:
+        """`Controller.server_changes` after `since` of `epoch` (all of them for another
+        epoch: a restarted controller numbers anew), waiting up to `wait_s` for one."""
+        if epoch != self.epoch:
+            since = 0
+        if since > 0 and ctl.change_seq <= since:
+            waiter = asyncio.get_running_loop().create_future()
+            self._change_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, wait_s)
+            except asyncio.TimeoutError:
+                if waiter in self._change_waiters:    # no change: no waiter left behind
+                    self._change_waiters.remove(waiter)
+        seq, views = ctl.server_changes(since)
+        return self.epoch, seq, views
 
     async def ready(self) -> dict:
         ctl = await self._controller()
@@ -211,9 +242,10 @@ class ControllerActor:
     async def call(self, method: str, *args, **kw) -> Outcome:
         ctl = await self._controller()
         try:
-            return Outcome(True, await getattr(ctl, method)(*args, **kw))
+            value = await getattr(ctl, method)(*args, **kw)
+            return Outcome(True, value, epoch=self.epoch, seq=ctl.change_seq)
         except OperationError as exc:
-            return Outcome(False, error=str(exc))
+            return Outcome(False, error=str(exc), epoch=self.epoch, seq=ctl.change_seq)
 
     async def query(self, what: str, *args) -> Outcome:
         ctl = await self._controller()
@@ -237,6 +269,8 @@ class ControllerActor:
                 return Outcome(True, ctl.servers(*args))
             if what == "servers_of":
                 return Outcome(True, ctl.servers_of(*args))
+            if what == "server_changes":
+                return Outcome(True, await self._server_changes(ctl, *args))
             if what == "flavors":
                 return Outcome(True, ctl.flavor_list())
         except OperationError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from collections import Counter
 import secrets
 import time
 import uuid as uuidlib
@@ -101,6 +102,48 @@ def _flag(value: str | None) -> bool | None:
     return value.strip().lower() in ("true", "1", "yes", "on")
 
 
+class Refreshed:
+    """A value fetched from the cluster and kept for `ttl_s`. Readers of an expired
+    value share one fetch (never one per request); a `fresh` reader, and every reader
+    after `invalidate`, gets a fetch sent after it arrived, so it sees every change
+    acknowledged before it."""
+
+    def __init__(self, fetch, ttl_s: float, clock=time.monotonic):
+        self.fetch = fetch
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.value = None
+        self.at = 0.0
+        self.generation = 0           # bumped by `invalidate` and by every fetch sent
+        self.inflight: tuple[int, asyncio.Future] | None = None
+
+    async def get(self, fresh: bool = False):
+        if not fresh and self.value is not None and self.clock() - self.at <= self.ttl_s:
+            return self.value
+        if fresh or self.inflight is None:
+            return await self._send()
+        return await asyncio.shield(self.inflight[1])
+
+    def invalidate(self) -> None:
+        self.value = None
+        self.generation += 1
+        self.inflight = None          # a fetch sent before the change is joined by none
+
+    async def _send(self):
+        self.generation += 1
+        generation = self.generation
+        future = asyncio.ensure_future(self.fetch())
+        self.inflight = (generation, future)
+        try:
+            value = await asyncio.shield(future)
+        finally:
+            if self.inflight is not None and self.inflight[0] == generation:
+                self.inflight = None
+        if generation == self.generation:     # no newer fetch nor change since
+            self.value, self.at = value, self.clock()
+        return value
+
+
 class ServerLookups:
     """Lookups of one server each, made by concurrent requests, sent to the cluster as
     one `servers_of` call: while a call is in flight, the lookups that arrive wait for
@@ -145,6 +188,99 @@ class ServerLookups:
             self.draining = False
 
 
+class ServerViews:
+    """The servers as the controller's `server_changes` last told, followed by a long
+    poll from the first lookup on, so that a lookup needs no round trip of its own.
+
+    Reads stay consistent for the callers: a server changed through this process is
+    read from the view only once the view has reached the change number that the
+    change's answer carried (waiting up to CATCH_UP_S for the poll to bring it), so a
+    caller sees its own writes (a resize's 202, then RESIZE); the view only moves
+    forward. Unknown servers, those the view has not caught up with, and every server
+    while the poll fails (a controller restarting) are asked of the controller through
+    `lookups`. A cluster without `server_changes`, and an API served by several
+    processes (Serve replicas: a caller's next request may reach another one), always
+    ask (`follow` False)."""
+
+    POLL_S = 5.0           # how long the controller holds a poll when nothing changed
+    CATCH_UP_S = 2.0
+    RETRY_S = (0.05, 2.0)  # the poll's backoff while the controller does not answer
+
+    def __init__(self, api: "Api", lookups: "ServerLookups", follow: bool = True):
+        self.api = api
+        self.lookups = lookups
+        self.follows = follow and callable(getattr(api.cluster, "server_changes", None))
+        self.views: dict = {}
+        self.epoch, self.seq = "", 0
+        self.live = False
+        self.task: asyncio.Future | None = None
+        self.marks: dict[str, tuple[str, int]] = {}    # uuid -> its change through us
+        self.waiters: list[tuple[int, asyncio.Future]] = []
+
+    def changed(self, uuid: str) -> None:
+        """This process changed `uuid` (its call has answered): reads of it wait for
+        the view to reach that change."""
+        if self.follows:
+            self.marks[uuid] = self.api.cluster.change_mark()
+
+    async def get(self, uuid: str):
+        """The server's view, or None if the cluster has no instance of that uuid."""
+        if not self.follows:
+            return await self.lookups.get(uuid)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._follow())
+        mark = self.marks.get(uuid)
+        if mark is not None:
+            if not await self._reach(mark):
+                return await self.lookups.get(uuid)
+            if self.marks.get(uuid) == mark:
+                del self.marks[uuid]
+        view = self.views.get(uuid) if self.live else None
+        return view if view is not None else await self.lookups.get(uuid)
+
+    async def _reach(self, mark: tuple[str, int]) -> bool:
+        epoch, seq = mark
+        if self.live and epoch == self.epoch and self.seq < seq:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append((seq, waiter))
+            try:
+                await asyncio.wait_for(waiter, self.CATCH_UP_S)
+            except asyncio.TimeoutError:
+                return False
+        return self.live and epoch == self.epoch and self.seq >= seq
+
+    async def _follow(self) -> None:
+        delay = self.RETRY_S[0]
+        while True:
+            try:
+                epoch, seq, views = await self.api.call(
+                    self.api.cluster.server_changes, self.epoch, self.seq, self.POLL_S)
+            except Exception:      # the controller restarting: lookups go to it
+                self.live = False
+                self._wake()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RETRY_S[1])
+                continue
+            delay = self.RETRY_S[0]
+            if epoch != self.epoch:
+                self.views = {}    # a restarted controller: every server anew
+            for view in views:
+                self.views[view.instance.uuid] = view
+            self.epoch, self.seq, self.live = epoch, seq, True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiting = []
+        for seq, waiter in self.waiters:
+            if waiter.done():
+                continue
+            if self.live and seq > self.seq:
+                waiting.append((seq, waiter))
+            else:
+                waiter.set_result(None)
+        self.waiters = waiting
+
+
 class Api:
     def __init__(self, cfg, cluster, tokens: auth.Tokens | None = None,
                  public_url: str = "", threads: int = 64):
@@ -158,9 +294,19 @@ class Api:
         # Flavors and host liveness change rarely and every server view needs them:
         # kept for CACHE_S (flavors are fetched again when a lookup misses, and at
         # once after this process changed them).
-        self._flavors: tuple[float, list] | None = None
-        self._hosts_up: tuple[float, dict] | None = None
+        self._flavors = Refreshed(lambda: self.call(self.cluster.flavors), CACHE_S)
+        self._hosts_up = Refreshed(self._fetch_hosts_up, CACHE_S)
         self.lookups = ServerLookups(self)
+        self.views = ServerViews(self, self.lookups, follow=cfg.api.runtime != "serve"
+                                 or cfg.api.replicas == 1)
+        # Requests served and the cluster calls they made, by name (`stats`).
+        self.requests = 0
+        self.cluster_calls: Counter[str] = Counter()
+
+    def stats(self) -> dict:
+        """Requests served so far and the cluster calls (each a round trip to the
+        controller) made for them, by `Cluster` method."""
+        return {"requests": self.requests, "cluster_calls": dict(self.cluster_calls)}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -168,6 +314,7 @@ class Api:
         """Run a blocking `Cluster` call off the event loop; refusals become ApiError."""
         from vmresize.actors.controller import OperationError
         loop = asyncio.get_running_loop()
+        self.cluster_calls[fn.__name__] += 1
         try:
             return await loop.run_in_executor(self.pool, partial(fn, *args, **kw))
         except OperationError as exc:
@@ -175,6 +322,7 @@ class Api:
 
     def endpoint(self, handler, compute: bool = True, authenticated: bool = True):
         async def run(request: Request) -> Response:
+            self.requests += 1
             request_id = f"req-{uuidlib.uuid4()}"
             version = microversions.MIN_VERSION
             try:
@@ -223,27 +371,23 @@ class Api:
             raise bad_request("Malformed request body") from None
 
     async def load_flavors(self, ctx: Ctx, fresh: bool = False) -> list:
-        cached = self._flavors
-        if fresh or cached is None or time.monotonic() - cached[0] > CACHE_S:
-            cached = self._flavors = (time.monotonic(), await self.call(self.cluster.flavors))
-        ctx.flavors = cached[1]
+        ctx.flavors = await self._flavors.get(fresh)
         return ctx.flavors
 
     async def hosts_up(self, ctx: Ctx) -> None:
         """Host liveness for `host_status` (2.16+, admin)."""
         if ctx.version < (2, 16) or not ctx.admin:
             return
-        cached = self._hosts_up
-        if cached is None or time.monotonic() - cached[0] > CACHE_S:
-            hosts = await self.call(self.cluster.hosts)
-            cached = self._hosts_up = (time.monotonic(), {h.name: h.up for h in hosts})
-        ctx.hosts_up = cached[1]
+        ctx.hosts_up = await self._hosts_up.get()
+
+    async def _fetch_hosts_up(self) -> dict[str, bool]:
+        return {h.name: h.up for h in await self.call(self.cluster.hosts)}
 
     async def server(self, ctx: Ctx, server_id: str, rule: str):
         """The server named by the path, or 404; checks the caller may `rule` it."""
         if not _is_uuid(server_id):
             raise not_found(f"Instance {server_id} could not be found.")
-        view = await self.lookups.get(server_id)
+        view = await self.views.get(server_id)
         if view is None or view.instance.deleted:
             raise not_found(f"Instance {server_id} could not be found.")
         auth.authorize(ctx.caller, rule, view.project or ctx.default_project)
@@ -315,6 +459,7 @@ class Api:
         inst = await self.call(self.cluster.boot, spec["name"], flavor.flavor.name, host,
                                request_id=ctx.request_id, project_id=ctx.caller.project_id,
                                user_id=ctx.caller.user_id, image_id=image_id)
+        self.views.changed(inst.uuid)
         doc = {"id": inst.uuid, "links": views.links(ctx.base, "servers", inst.uuid),
                "OS-DCF:diskConfig": "MANUAL", "security_groups": [{"name": "default"}],
                "adminPass": secrets.token_urlsafe(9)}
@@ -323,7 +468,10 @@ class Api:
 
     async def delete_server(self, request: Request, ctx: Ctx) -> Response:
         view = await self.server(ctx, request.path_params["id"], "servers:delete")
-        await self.lifecycle(ctx, "delete", view.instance.name)
+        try:
+            await self.lifecycle(ctx, "delete", view.instance.name)
+        finally:
+            self.views.changed(view.instance.uuid)
         return _empty(204)
 
     async def _flavor_ref(self, ctx: Ctx, ref, field: str):
@@ -369,7 +517,10 @@ class Api:
             raise bad_request(f"There is no such action: {action}")
         rule = "migrate" if action == "migrate" else f"servers:{action}"
         view = await self.server(ctx, server_id, rule)
-        return await handler(self, ctx, view, arg)
+        try:
+            return await handler(self, ctx, view, arg)
+        finally:
+            self.views.changed(view.instance.uuid)
 
     async def lifecycle(self, ctx: Ctx, op: str, name: str, **kw):
         """stop / start / reboot / delete through `Cluster.<op>(name, ...)`."""
@@ -422,7 +573,7 @@ class Api:
         info = await self.call(self.cluster.create_flavor, flavor, spec["id"],
                                is_public=spec["is_public"], description=spec["description"],
                                request_id=ctx.request_id)
-        self._flavors = None
+        self._flavors.invalidate()
         return _json({"flavor": views.flavor_doc(info, ctx.base, ctx.version)})
 
     async def delete_flavor(self, request: Request, ctx: Ctx) -> Response:
@@ -430,7 +581,7 @@ class Api:
         flavor_id = request.path_params["id"]
         await self._flavor(ctx, flavor_id)
         await self.call(self.cluster.delete_flavor, flavor_id, request_id=ctx.request_id)
-        self._flavors = None
+        self._flavors.invalidate()
         return _empty(202)
 
     # ------------------------------------------------------------------ migrations

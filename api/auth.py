@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import uuid as uuidlib
+from functools import lru_cache
 
 import msgspec
 
@@ -47,11 +48,13 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 
+@lru_cache(maxsize=1024)     # every request asks for the default project's
 def project_id(name: str) -> str:
     """Projects have ids as Keystone's do (hex), stable for a name."""
     return uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"vmresize-project:{name}").hex
 
 
+@lru_cache(maxsize=1024)
 def user_id(name: str) -> str:
     return uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"vmresize-user:{name}").hex
 

@@ -126,6 +126,7 @@ class ApiServer:
                                     lifespan="off", access_log=False,
                                     timeout_keep_alive=30)
             self.server = uvicorn.Server(config)
+            self.app = app
             self.task = asyncio.ensure_future(self.server.serve())
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -137,6 +138,10 @@ class ApiServer:
             await asyncio.sleep(0.05)     # uvicorn binding its socket, bounded
         raise ApiStartError(f"api.listen {self.listen}: not serving after "
                             f"{START_TIMEOUT_S} s")
+
+    def stats(self) -> dict:
+        """The app's `Api.stats` (requests, cluster calls) and this process's id."""
+        return {**self.app.state.api.stats(), "pid": os.getpid()}
 
 
 def _start_actor(cfg, namespace, listen, key, url, detached: bool) -> None:

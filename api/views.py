@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid as uuidlib
 from datetime import datetime, timezone
+from functools import lru_cache
 
 import msgspec
 
@@ -161,6 +162,7 @@ def server_doc(view, ctx, v: Version) -> dict:
     return doc
 
 
+@lru_cache(maxsize=4096)     # one per project and host, asked for every server shown
 def host_id(project: str, host: str) -> str:
     """Nova's hostId: the host hashed with the project, the same for one project."""
     return hashlib.sha224((project + host).encode()).hexdigest() if host else ""

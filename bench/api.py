@@ -7,7 +7,10 @@ through the Python API, then measure:
   document: the cost of the HTTP layer alone);
 - resizes to VERIFY_RESIZE with --concurrency in flight: over HTTP (POST the resize
   action, then poll `GET /servers/{id}` every 100 ms as `--wait` does every 5 s) against the same
-  number through the Python API (`Cluster.resize(...).wait()`), on distinct servers.
+  number through the Python API (`Cluster.resize(...).wait()`), on distinct servers;
+  with the actor runtime, the controller round trips the API made per HTTP resize
+  (`ApiServer.stats`). The goal is HTTP >= GOAL x the Python API's rate; the load
+  average is printed with the figures (the machine may be shared).
 
     .venv/bin/python bench/api.py [--servers 2000] [--resizes 300] [--concurrency 64]
                                   [--runtime actor|serve]
@@ -29,6 +32,7 @@ from pathlib import Path
 from vmresize.actors.raylocal import free_ports
 
 VMRESIZE = str(Path(sys.executable).parent / "vmresize")
+GOAL = 0.7          # HTTP resizes/s over the Python API's, in the same run
 
 
 def cluster_yaml(hosts: int, port: int, runtime: str) -> str:
@@ -57,6 +61,7 @@ class Http:
     def __init__(self, port: int):
         self.port = port
         self.local = threading.local()
+        self.sent: dict[str, int] = {}       # requests by method (GIL-atomic updates)
 
     def request(self, method: str, path: str, body: dict | None = None):
         conn = getattr(self.local, "conn", None)
@@ -64,6 +69,7 @@ class Http:
             conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port,
                                                                 timeout=120)
         data = json.dumps(body).encode() if body is not None else None
+        self.sent[method] = self.sent.get(method, 0) + 1
         conn.request(method, path, body=data,
                      headers={"Content-Type": "application/json",
                               "OpenStack-API-Version": "compute 2.96"})
@@ -123,6 +129,21 @@ def resize_python(cluster, names: list[str], concurrency: int) -> float:
     return len(names) / (time.perf_counter() - start)
 
 
+def api_stats(cluster, runtime: str) -> dict:
+    """The API actor's request and cluster-call counts ({} with Ray Serve)."""
+    if runtime != "actor":
+        return {}
+    import ray
+    from vmresize.api.service import ACTOR_NAME
+    return ray.get(ray.get_actor(ACTOR_NAME, namespace=cluster.namespace).stats.remote())
+
+
+def per_resize(before: dict, after: dict, n: int) -> dict:
+    calls = {k: (v - before.get("cluster_calls", {}).get(k, 0)) / n
+             for k, v in after.get("cluster_calls", {}).items()}
+    return {k: v for k, v in sorted(calls.items()) if v}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--servers", type=int, default=2000)
@@ -136,9 +157,9 @@ def main() -> None:
     port = free_ports(1)[0]
     (work / "cluster.yaml").write_text(cluster_yaml(args.hosts, port, args.runtime))
     started = time.perf_counter()
-    cli(work, "up")
-    up_s = time.perf_counter() - started
     try:
+        cli(work, "up")        # inside: an `up` that fails part way still gets its `down`
+        up_s = time.perf_counter() - started
         from vmresize.actors.api import Cluster
         from vmresize.config import load
         cluster = Cluster.connect(load(work / "cluster.yaml"))
@@ -149,7 +170,10 @@ def main() -> None:
         detail = latency(http, "/v2.1/servers/detail?deleted=False", args.requests)
         names = [f"vm-{i:05d}" for i in range(2 * args.resizes)]
         py_rate = resize_python(cluster, names[:args.resizes], args.concurrency)
+        before, http.sent = api_stats(cluster, args.runtime), {}
         http_rate = resize_http(http, cluster, names[args.resizes:], args.concurrency)
+        calls = per_resize(before, api_stats(cluster, args.runtime), args.resizes)
+        gets = http.sent.get("GET", 0) / args.resizes
     finally:
         cli(work, "down")
     figures = {
@@ -161,12 +185,20 @@ def main() -> None:
         "detail_requests_per_s": detail["requests_per_s"], "detail_bytes": detail["bytes"],
         "resizes": args.resizes, "concurrency": args.concurrency,
         "resizes_per_s_http": http_rate, "resizes_per_s_python": py_rate,
-        "http_over_python": http_rate / py_rate,
+        "http_over_python": http_rate / py_rate, "goal": GOAL,
+        "goal_met": http_rate / py_rate >= GOAL,
+        "gets_per_http_resize": gets,
+        "controller_calls_per_http_resize": sum(calls.values()) if calls else None,
+        **{f"calls_per_http_resize_{k}": v for k, v in calls.items()},
+        "load_avg_1m": os.getloadavg()[0],
     }
     print(f"{'what':<44} {'figure':>12}")
     for key, value in figures.items():
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{key:<44} {shown:>12}")
+    ratio = figures["http_over_python"]
+    print(f"goal HTTP >= {GOAL}x Python: {'met' if ratio >= GOAL else 'MISSED'} "
+          f"({ratio:.2f}x)")
     print(json.dumps(figures))
 
 

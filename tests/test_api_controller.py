@@ -4,6 +4,8 @@ instances by uuid with the resize that no host has claimed yet.
 """
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from test_controller import Rig, virtual
@@ -110,3 +112,49 @@ async def test_servers_of_answers_each_uuid_as_server_does_and_none_for_unknown(
     assert views == [ctl.server(b.uuid), None, ctl.server(a.uuid), ctl.server(b.uuid)]
     assert views[0].migration.id == mig.id and views[2].migration is None
     await ctl.wait_migration(mig.id)
+
+
+@virtual
+async def test_following_server_changes_gives_every_server_view_as_server_shows_it():
+    rig = Rig()
+    ctl = await rig.start()
+    followed: dict = {}
+    seqs = [0]
+
+    def follow() -> list[str]:
+        seq, views = ctl.server_changes(seqs[-1])
+        assert seq >= seqs[-1]
+        seqs.append(seq)
+        for view in views:
+            followed[view.instance.uuid] = view
+        assert followed == {u: ctl.server(u) for u in ctl.view.instances}
+        return [v.instance.uuid for v in views]
+
+    a = await ctl.boot("vm1", "m1.small")
+    b = await ctl.boot("vm2", "m1.tiny")
+    assert sorted(follow()) == sorted([a.uuid, b.uuid])
+    assert follow() == [] and seqs[-1] == seqs[-2]       # nothing changed: nothing new
+    mig = await ctl.resize("vm1", "m1.medium", wait=False)
+    assert follow() == [a.uuid]
+    assert followed[a.uuid].migration.id == mig.id       # RESIZE before any host claimed
+    waiting = asyncio.ensure_future(ctl.wait_migration(mig.id))
+    statuses = []
+    while not waiting.done():                            # every step on its way
+        await asyncio.sleep(0)
+        follow()
+        statuses.append(followed[a.uuid].instance.task_state)
+    assert len(set(statuses)) > 2, statuses
+    assert follow() == [] and followed[a.uuid].migration.status == "finished"
+    await ctl.confirm("vm1")
+    follow()
+    await ctl.act("vm2", "delete")
+    assert follow() == [b.uuid] and followed[b.uuid].instance.deleted
+    await ctl.create_flavor(Flavor(name="m1.vast", vcpus=4096, memory_mb=1, root_gb=1))
+    with pytest.raises(OperationError, match="no valid host"):
+        await ctl.resize("vm1", "m1.vast")                # logged, then ended: NoValidHost
+    assert follow() == [a.uuid] and followed[a.uuid].migration is None
+    again = rig.new_controller()
+    await again.start()
+    seq, views = again.server_changes(0)                # a restart: every server anew
+    assert {v.instance.uuid: v for v in views} == {u: again.server(u)
+                                                   for u in again.view.instances}

@@ -158,3 +158,141 @@ def test_concurrent_server_lookups_share_a_round_trip_and_never_join_an_earlier_
     assert first == "ACTIVE"
     assert later == ["RESIZE", None, "RESIZE"]
     assert calls == [["a"], ["a", "b"]]
+
+
+class _HeldFetch:
+    """A fetch that reads `state` when it is sent and answers once `release` is set."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.sent: list[str] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self):
+        seen = self.state["flavors"]
+        self.sent.append(seen)
+        await self.release.wait()
+        return seen
+
+
+async def _steps(n: int = 10) -> None:
+    """Let the event loop run the tasks just started up to their first wait."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_expired_value_readers_share_one_fetch_and_fresh_ones_never_join_an_earlier_one():
+    from vmresize.api.app import Refreshed
+
+    async def scenario():
+        now = [0.0]
+        fetch = _HeldFetch({"flavors": "v1"})
+        cached = Refreshed(fetch, 1.0, clock=lambda: now[0])
+        readers = [asyncio.ensure_future(cached.get()) for _ in range(20)]
+        await _steps()
+        assert fetch.sent == ["v1"]                # twenty readers, one fetch
+        fetch.state["flavors"] = "v2"              # a change acknowledged meanwhile
+        fresh = asyncio.ensure_future(cached.get(fresh=True))
+        await _steps()
+        fetch.release.set()
+        shared, fresh = await asyncio.gather(*readers), await fresh
+        kept = await cached.get()                  # within the ttl: no fetch
+        fetch.state["flavors"] = "v3"
+        fetch.release.clear()
+        now[0] = 5.0                               # expired: one fetch for the two
+        late = [asyncio.ensure_future(cached.get()) for _ in range(2)]
+        await _steps()
+        fetch.state["flavors"] = "v4"
+        cached.invalidate()                        # this process changed it
+        after = asyncio.ensure_future(cached.get())
+        await _steps()
+        fetch.release.set()
+        return shared, fresh, kept, await asyncio.gather(*late), await after, fetch.sent
+
+    shared, fresh, kept, late, after, sent = asyncio.run(scenario())
+    assert set(shared) == {"v1"} and fresh == "v2" and kept == "v2"
+    assert late == ["v3", "v3"] and after == "v4"
+    assert sent == ["v1", "v2", "v3", "v4"]
+
+
+class _View:
+    def __init__(self, uuid: str, status: str):
+        self.instance = type("Instance", (), {"uuid": uuid})()
+        self.status = status
+
+
+class _FollowedCluster:
+    """`server_changes` answers with what the test queues (a reply or an exception);
+    `servers_of` (the direct lookup) answers from `state` at once."""
+
+    def __init__(self):
+        self.state: dict[str, str] = {}
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.polls: list[tuple[str, int]] = []
+        self.direct: list[list[str]] = []
+        self.mark = ("e1", 0)
+
+    async def call(self, fn, *args):
+        return await fn(*args)
+
+    async def server_changes(self, epoch, since, wait_s):
+        self.polls.append((epoch, since))
+        reply = await self.replies.get()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def servers_of(self, uuids):
+        self.direct.append(list(uuids))
+        return [_View(u, self.state[u]) if u in self.state else None for u in uuids]
+
+    def change_mark(self):
+        return self.mark
+
+    def changes(self, epoch: str, seq: int, *uuids: str):
+        return (epoch, seq, [_View(u, self.state[u]) for u in uuids])
+
+
+def test_server_views_follow_the_controller_and_a_writer_reads_its_own_write():
+    from vmresize.api.app import ServerLookups, ServerViews
+
+    async def scenario():
+        c = _FollowedCluster()
+        api = type("Api", (), {"cluster": c, "call": staticmethod(c.call)})
+        views = ServerViews(api, ServerLookups(api))
+        views.RETRY_S = (0.001, 0.001)
+        c.state.update(a="ACTIVE", b="ACTIVE")
+        seen = [(await views.get("a")).status]          # not following yet: asked
+        assert c.direct == [["a"]] and c.polls == [("", 0)]
+        c.replies.put_nowait(c.changes("e1", 1, "a", "b"))
+        await _steps()
+        seen.append((await views.get("a")).status)      # from the view
+        assert c.direct == [["a"]] and c.polls[-1] == ("e1", 1)
+        c.state["a"], c.mark = "RESIZE", ("e1", 2)      # this process resized a
+        views.changed("a")
+        c.state["b"] = "SHUTOFF"                         # another client stopped b
+        a_read = asyncio.ensure_future(views.get("a"))
+        seen.append((await views.get("b")).status)      # not ours: the view's, at once
+        await _steps()
+        assert not a_read.done()                         # waits for the view to reach 2
+        c.replies.put_nowait(c.changes("e1", 2, "a", "b"))
+        seen.append((await a_read).status)
+        seen.append((await views.get("b")).status)
+        assert await views.get("nope") is None and c.direct[-1] == ["nope"]
+        c.replies.put_nowait(RuntimeError("controller restarting"))
+        await _steps()
+        c.state["a"] = "VERIFY_RESIZE"
+        seen.append((await views.get("a")).status)      # poll failing: asked
+        c.replies.put_nowait(c.changes("e2", 1, "a", "b"))   # restarted: all anew
+        for _ in range(1000):                            # the poll's retry, bounded
+            if views.live:
+                break
+            await asyncio.sleep(0.001)
+        asked = len(c.direct)
+        seen.append((await views.get("a")).status)
+        assert len(c.direct) == asked and c.polls[-1] == ("e2", 1)
+        views.task.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == ["ACTIVE", "ACTIVE", "ACTIVE", "RESIZE", "SHUTOFF",
+                                       "VERIFY_RESIZE", "VERIFY_RESIZE"]
