@@ -27,7 +27,8 @@ from starlette.routing import Route
 
 from vmresize.api import actions as actionlog
 from vmresize.api import auth, microversions, views
-from vmresize.api.errors import ApiError, bad_request, conflict, not_found, refusal
+from vmresize.api.errors import (ApiError, bad_request, conflict, not_found, refusal,
+                                 unexpected_properties)
 from vmresize.api.microversions import Version, VersionError
 from vmresize.events.schema import Flavor
 
@@ -768,8 +769,7 @@ async def _resize(api: Api, ctx: Ctx, view, arg) -> Response:
                           "required property")
     extra = set(arg) - {"flavorRef", "OS-DCF:diskConfig"}
     if extra:
-        raise bad_request(f"Additional properties are not allowed "
-                          f"({', '.join(sorted(extra))} was unexpected)")
+        raise unexpected_properties(extra)
     info = await api._flavor_ref(ctx, arg["flavorRef"], "flavorRef")
     _need_state(view, "resize", ctx, ("active", "stopped"))
     if info.flavor == view.instance.flavor:
@@ -783,8 +783,7 @@ async def _migrate(api: Api, ctx: Ctx, view, arg) -> Response:
     host = None
     if isinstance(arg, dict) and arg:
         if ctx.version < (2, 56) or set(arg) - {"host"}:
-            raise bad_request(f"Additional properties are not allowed "
-                              f"({', '.join(sorted(arg))} was unexpected)")
+            raise unexpected_properties(arg)
         host = arg["host"]
         if host is not None and (not isinstance(host, str) or not host):
             raise bad_request("Invalid input for field/attribute host: expected a "
@@ -864,8 +863,7 @@ def _server_spec(body, ctx: Ctx) -> dict:
     spec = body["server"]
     unexpected = sorted(set(spec) - SERVER_FIELDS)
     if unexpected:
-        raise bad_request(f"Additional properties are not allowed "
-                          f"({', '.join(map(repr, unexpected))} was unexpected)")
+        raise unexpected_properties(unexpected)
     name = spec.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 255 \
             or name != name.strip():
@@ -939,9 +937,7 @@ def _flavor_spec(body, v: Version) -> dict:
     spec = body["flavor"]
     unexpected = sorted(set(spec) - FLAVOR_FIELDS)
     if unexpected or ("description" in spec and v < (2, 55)):
-        raise bad_request(f"Additional properties are not allowed "
-                          f"({', '.join(map(repr, unexpected or ['description']))} "
-                          f"was unexpected)")
+        raise unexpected_properties(unexpected or ["description"])
     name = spec.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
         raise bad_request("Invalid input for field/attribute name: expected a string "

@@ -26,6 +26,15 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, message)
 
 
+def unexpected_properties(names) -> ApiError:
+    """Nova's 400 for fields its request schema does not allow, worded as jsonschema
+    words it: `Additional properties are not allowed ('a', 'b' were unexpected)`."""
+    names = sorted(names)
+    return bad_request(f"Additional properties are not allowed "
+                       f"({', '.join(map(repr, names))} "
+                       f"{'was' if len(names) == 1 else 'were'} unexpected)")
+
+
 def not_found(message: str) -> ApiError:
     return ApiError(404, message)
 

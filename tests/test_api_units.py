@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from vmresize.api import auth, microversions, views
-from vmresize.api.errors import ApiError
+from vmresize.api.errors import ApiError, unexpected_properties
 from vmresize.config import ConfigError, parse, with_api_listen
 from vmresize.events.schema import Flavor
 from vmresize.projections.state import Instance, Migration
@@ -296,3 +296,12 @@ def test_server_views_follow_the_controller_and_a_writer_reads_its_own_write():
 
     assert asyncio.run(scenario()) == ["ACTIVE", "ACTIVE", "ACTIVE", "RESIZE", "SHUTOFF",
                                        "VERIFY_RESIZE", "VERIFY_RESIZE"]
+
+
+def test_unexpected_properties_are_named_as_nova_names_them():
+    one = unexpected_properties({"host"})
+    assert (one.code, one.message) == (
+        400, "Additional properties are not allowed ('host' was unexpected)")
+    two = unexpected_properties(["zone", "color"])
+    assert two.message == ("Additional properties are not allowed "
+                           "('color', 'zone' were unexpected)")
