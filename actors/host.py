@@ -32,7 +32,6 @@ class Effect(msgspec.Struct, frozen=True):
     `rolled_back` whether the step's own undo succeeded after a failure; `shared` what
     the shared-storage probe found; `probed` whether the probe was looked at at all."""
     error: str = ""
-    retryable: bool = False
     rolled_back: bool = True
     shared: bool = False
     probed: bool = False
@@ -223,7 +222,7 @@ def _disk_migrated(state, e: ev.MigrationStarted, r: Effect):
     if r.error:
         # Only a source that knew the storage was not shared may have sent disks.
         return _next(ev.Failed, e, step=Step.MIGRATE, reason=r.error,
-                     rolled_back=r.rolled_back, power_state=_power(e.spec.vm_state == "active"),
+                     rolled_back=r.rolled_back, power_state=_power(e.spec.vm_state == VmState.ACTIVE),
                      shared_storage=r.shared, dest_copy=r.probed and not r.shared)
     return _next(ev.DiskMigrated, e, shared_storage=r.shared, disks=r.disks)
 
@@ -232,18 +231,18 @@ def _finished(state, e: ev.FinishStarted, r: Effect):
     if r.error:
         return _next(ev.Failed, e, step=Step.FINISH, reason=r.error,
                      rolled_back=r.rolled_back)
-    return _next(ev.Finished, e, power_state=_power(_vm_state_of(state, e) == "active"))
+    return _next(ev.Finished, e, power_state=_power(_vm_state_of(state, e) == VmState.ACTIVE))
 
 
 def _source_back(cls):
     def build(state, e, r: Effect):
-        return _next(cls, e, power_state=_power(_vm_state_of(state, e) == "active"))
+        return _next(cls, e, power_state=_power(_vm_state_of(state, e) == VmState.ACTIVE))
     return build
 
 
 def _released(state, e: ev.ReleaseStarted, r: Effect):
     return _next(ev.ClaimReleased, e, role=e.role, reason=e.reason,
-                 disks_removed=e.role == Role.DEST and e.remove_disks)
+                 disks_removed=e.remove_disks)
 
 
 def _rebooted(state, e: ev.RebootStarted, r: Effect):

@@ -26,7 +26,7 @@ from vmresize.events.schema import Envelope
 from vmresize.projections.fold import Projection, apply
 from vmresize.protocol import commands as c
 from vmresize.protocol.commands import Rejected, Reply
-from vmresize.protocol.states import ENDED, MigrationStatus
+from vmresize.protocol.states import ENDED, MigrationStatus, VmState
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT
 
 RETAIN_COMMANDS = 1024      # command ids whose answers a host keeps
@@ -298,7 +298,7 @@ class HostShell:
         return InstanceSpec(uuid=uuid, name=inst.name if inst else uuid, flavor=flavor)
 
     def _power_on_after(self, e) -> bool:
-        return self._mig(e).vm_state == "active"
+        return self._mig(e).vm_state == VmState.ACTIVE
 
     async def _do_spawn(self, e: ev.SpawnStarted) -> Effect:
         spec = InstanceSpec(uuid=e.instance_uuid, name=e.name, flavor=e.flavor, image=e.image)
@@ -328,7 +328,7 @@ class HostShell:
                 old, spec.new_flavor, shared, sink))
         except DriverError as exc:
             rolled_back = await self._quietly(self.driver.finish_revert_migration(
-                old, power_on=spec.vm_state == "active"))
+                old, power_on=spec.vm_state == VmState.ACTIVE))
             return Effect(error=str(exc), rolled_back=rolled_back, shared=shared,
                           probed=probed)
         return Effect(shared=shared, probed=True, disks=tuple(disks))
