@@ -541,7 +541,8 @@ async def test_release_claim_on_the_destination():
     await p.prep()
     reply = await p.release("dest")
     assert reply.ok and types(reply.events) == ["ReleaseStarted", "ClaimReleased"]
-    assert reply.events[-1].event.role == "dest"
+    released = reply.events[-1].event
+    assert (released.role, released.disks_removed) == ("dest", False)   # none were asked
     assert p.b.allocations() == {}
     assert p.b.driver.storage.probes == []
     again = await p.b.shell.handle(c.ReleaseClaim(
