@@ -383,9 +383,13 @@ class Simulator:
     def build_hosts(self) -> None:
         first, limit = self._policy()
         storage = None
+        # The disks keep their files' durable bytes in unlinked files in the state
+        # directory (which nothing else reads until the disks are exported there).
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.cfg.hosts + 1):
             name = f"sim-{i}"
-            disk = SimDisk(random.Random(self.rng.getrandbits(32)))
+            disk = SimDisk(random.Random(self.rng.getrandbits(32)),
+                           spill_dir=str(self.state_dir))
             if not (self.cfg.shared_pairs and i % 2 == 0 and storage is not None):
                 storage = FakeStorage()     # odd hosts start a pool, even ones share it
             plan = FaultPlan(seed=self.rng.getrandbits(32))
@@ -496,15 +500,16 @@ class Simulator:
         seg = segs[-1]
         if seg != host.durable_seg:
             host.durable_seg, host.durable_pos, host.durable_count = seg, 0, 0
-        data = disk.durable_bytes(f"{host.log_dir}/{seg}")
-        pos, count = host.durable_pos, host.durable_count
+        base = host.durable_pos             # what was counted is not read again
+        data = disk.durable_bytes(f"{host.log_dir}/{seg}", base)
+        pos, count = 0, host.durable_count
         while pos + _HEADER.size <= len(data):
             size, _ = _HEADER.unpack_from(data, pos)
             if pos + _HEADER.size + size > len(data):
                 break
             pos += _HEADER.size + size
             count += 1
-        host.durable_pos, host.durable_count = pos, count
+        host.durable_pos, host.durable_count = base + pos, count
         return int(seg[:20]) + count
 
     def check_intent(self, host: _Host, method: str, arg) -> str:
