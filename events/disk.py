@@ -187,7 +187,8 @@ class _Inode:
     __slots__ = ("file", "durable_size", "size", "pending", "overlay", "diverged")
 
     def __init__(self, spill_dir: str | None) -> None:
-        self.file = tempfile.TemporaryFile(dir=spill_dir)   # unlinked: gone once closed
+        # Unlinked: gone once closed. Unbuffered: reads and writes go through pread/pwrite.
+        self.file = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
         self.durable_size = 0
         self.size = 0                       # the size reads see
         self.pending: list[tuple[int, bytes | None]] = []

@@ -38,9 +38,11 @@ import asyncio
 import collections
 import hashlib
 import itertools
+import os
 import random
 import shlex
 import shutil
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -160,7 +162,7 @@ class _Host:
     """One simulated compute host: its disk and driver survive crashes; its log (opened
     again from the disk), its shell and its tasks do not."""
 
-    def __init__(self, name: str, disk: SimDisk, driver: FakeDriver):
+    def __init__(self, name: str, disk: SimDisk, driver: FakeDriver, spill_dir: str):
         self.name = name
         self.disk = disk
         self.base = f"{SIM_ROOT}/{name}"
@@ -172,10 +174,7 @@ class _Host:
         self.tasks: dict[asyncio.Future, None] = {}    # insertion order: deterministic
         self.generation = 0
         self.steps: dict[str, str] = {}     # command id -> step of its intent
-        # offset -> digest of the record the controller was told of (8 bytes, not the
-        # record: this grows with the history)
-        self.acked: dict[int, bytes] = {}
-        self.delivered: dict[str, int] = {}     # command id -> generation it reached
+        self.acked = _Acked(spill_dir)      # the records the controller was told of
         self.found_open: set[str] = set()   # intents open when this incarnation started
         self.resumed: set[str] = set()      # ... that it resumed by itself
         self.full_until = -1.0
@@ -409,7 +408,7 @@ class Simulator:
                                 latency=Latency(0.05, 0.2),
                                 on_crash=lambda n=name: self._driver_crash(n),
                                 rng=random.Random(self.rng.getrandbits(32)))
-            self.hosts[name] = host = _Host(name, disk, driver)
+            self.hosts[name] = host = _Host(name, disk, driver, str(self.state_dir))
             disk.on_fsync = lambda path, h=host: self._in_fsync(h, path)
 
     def _driver_crash(self, name: str) -> None:
@@ -459,16 +458,26 @@ class Simulator:
     def check_acked(self, host: _Host, when: str) -> None:
         """The oracle of durability: every envelope the controller was given by this
         host is in the host's log, byte for byte."""
-        if not host.acked:
+        acked = host.acked
+        if acked.first is None:
             return
-        records = dict(host.raw_log.read(min(host.acked)))
-        for offset, digest in sorted(host.acked.items()):
-            got = records.get(offset)
-            if got is None or _digest(got) != digest:
-                self.breaches.append(
-                    f"durability: {host.name} offset {offset}, which the controller was "
-                    f"told of, is {'gone' if got is None else 'different'} {when}")
+        expect = acked.from_offset(acked.first)
+        offset, digest = next(expect, (None, b""))
+        at = None
+        for at, record in host.raw_log.read(acked.first):   # streamed: the log is long
+            if offset is None:
                 return
+            if at < offset:
+                continue
+            if at > offset or _digest(record) != digest:
+                break
+            offset, digest = next(expect, (None, b""))
+        else:
+            if offset is None:
+                return
+        self.breaches.append(
+            f"durability: {host.name} offset {offset}, which the controller was told "
+            f"of, is {'different' if at == offset else 'gone'} {when}")
 
     def _in_fsync(self, host: _Host, path: str) -> None:
         """A power cut inside the fsync of an append: its write may be lost or torn."""
@@ -616,7 +625,6 @@ class Simulator:
             raise HostUnavailable(f"{host_name} is down")
         if not self._deliverable(host, cmd.command_id):
             return await self._own_outcome(host, cmd.command_id, timeout_s)
-        host.delivered.setdefault(cmd.command_id, host.generation)
         if self.roll("duplicate", self.cfg.duplicate_p):
             self._host_task(host, self._deliver_again(host, cmd))
         self._maybe_stale(host)
@@ -663,7 +671,7 @@ class Simulator:
 
     def _acknowledged(self, host: _Host, envs) -> None:
         for env in envs:
-            host.acked[env.offset] = _digest(encode(env))
+            host.acked.add(env.offset, _digest(encode(env)))
 
     def _deliverable(self, host: _Host, cid: str) -> bool:
         """With `resend` off, a command whose intent this incarnation of the host found
@@ -1127,6 +1135,33 @@ class Simulator:
         report = audit(self.state_dir)
         return [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
                 for v in report.violations]
+
+
+class _Acked:
+    """The records of a host's log the controller was told of, as an 8-byte digest per
+    offset, kept in an unlinked temporary file (a slot of 9 bytes per offset: a flag,
+    then the digest), since they are as many as the log's records."""
+
+    SLOT = 9
+
+    def __init__(self, spill_dir: str):
+        self.file = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
+        self.first: int | None = None       # the lowest offset told of
+        self.end = 0                        # one past the highest
+
+    def add(self, offset: int, digest: bytes) -> None:
+        os.pwrite(self.file.fileno(), b"\x01" + digest, offset * self.SLOT)
+        self.first = offset if self.first is None else min(self.first, offset)
+        self.end = max(self.end, offset + 1)
+
+    def from_offset(self, start: int, batch: int = 4096):
+        """(offset, digest) of every record told of, from `start` on, in order."""
+        fd = self.file.fileno()
+        for base in range(start, self.end, batch):
+            chunk = os.pread(fd, batch * self.SLOT, base * self.SLOT)
+            for i in range(0, len(chunk), self.SLOT):
+                if chunk[i]:
+                    yield base + i // self.SLOT, chunk[i + 1:i + self.SLOT]
 
 
 def _digest(record) -> bytes:
