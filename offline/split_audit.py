@@ -60,11 +60,12 @@ def _host_side(requests, conn, state_dir: str, hosts: list[str],
                chunk_records: int) -> None:
     """Answer each request (a host's index) with that host's next chunk; None asks for
     the ledgers (and where each allocation last changed) and the torn tails, and ends."""
-    from vmresize.events.store import HostLogReader
+    from vmresize.events.store import HostLogReader, merged_chunk_bytes
     from vmresize.projections.audit import _Checker
     readers = []
     try:
-        readers = [HostLogReader(state_dir, h) for h in hosts]
+        readers = [HostLogReader(state_dir, h, merged_chunk_bytes(len(hosts)))
+                   for h in hosts]
         conn.send(("open",))
         checker = _Checker(instance_side=False)
         streams = [r.records() for r in readers]
