@@ -87,6 +87,7 @@ HEAL_S = 3600.0              # virtual seconds to settle everything once faults 
 VIRTUAL_LIMIT_S = 2 * HEAL_S    # a whole run, plus this per operation: stuck beyond it
 VIRTUAL_S_PER_OPERATION = 10.0
 HISTORY = 1000              # lines of `Simulator.history` kept
+KEEP_ENDED = 1024           # ended migrations the checks keep (as many as the controller)
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
 
 
@@ -273,8 +274,9 @@ class Simulator:
         self.injected: dict[str, int] = {k: 0 for k in FAULT_KINDS}
         self.hash = hashlib.sha256()
         # Its end-state checks are the final audit's (of the logs): it keeps none of
-        # their bookkeeping.
-        self.checker = _Checker(end_state=False)
+        # their bookkeeping, and of ended migrations only the last KEEP_ENDED.
+        self.checker = _Checker(end_state=False, keep_ended=KEEP_ENDED,
+                                on_forget=self._forgot_migration)
         self.events = 0
         self.hosts: dict[str, _Host] = {}
         self.controller: Controller | None = None
@@ -1117,6 +1119,12 @@ class Simulator:
         if getattr(self, "controller_log", None) is not None:
             self.controller_log.close()
         return problems
+
+    def _forgot_migration(self, mig) -> None:
+        """The checks forgot an ended migration: if its instance had an abandoned
+        cleanup, findings about it are still expected."""
+        if mig.instance_uuid in self.abandoned_ids:
+            self.abandoned_ids.add(mig.id)
 
     def _excuse_abandoned(self, found: list[str]) -> list[str]:
         """Findings about an instance with an abandoned cleanup, or any migration of it
