@@ -962,3 +962,10 @@ def test_two_processes_raise_what_one_does_on_a_corrupt_log(tmp_path):
             audit(tmp_path, processes=processes)
         errors.append((exc.value.path, exc.value.offset))
     assert errors[0] == errors[1] == (str(seg), 0)
+
+
+def test_a_split_audit_of_many_logs_keeps_few_records_of_each_in_flight():
+    split_module = importlib.import_module("vmresize.offline.split_audit")
+    assert split_module.chunk_records_for(1) == split_module.MERGED_RECORDS
+    assert split_module.chunk_records_for(100) * 100 <= split_module.MERGED_RECORDS
+    assert split_module.chunk_records_for(100_000) == 16
