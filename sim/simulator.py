@@ -65,6 +65,7 @@ from vmresize.events.disk import SimDisk
 from vmresize.events.log import _HEADER, DiskFull, LogFailed, SegmentLog
 from vmresize.offline.audit import audit
 from vmresize.projections.audit import _Checker
+from vmresize.projections.fold import FoldState
 from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Step
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 
@@ -295,6 +296,7 @@ class Simulator:
         # Instances and migrations with an abandoned cleanup: what it leaves behind is
         # for an operator, and findings about them are expected, not violations.
         self.abandoned_ids: set[str] = set()
+        self._excused: set[str] | None = None      # ... with their migrations, at the end
         self.windows: dict[str, int] = {cell: 0 for cell in CELLS}
         self.reached: dict[str, int] = {k: 0 for k in REACHED}
         # Three windows a third of the table apart: a sweep of N seeds aims at each
@@ -1129,8 +1131,7 @@ class Simulator:
     def _excuse_abandoned(self, found: list[str]) -> list[str]:
         """Findings about an instance with an abandoned cleanup, or any migration of it
         (a later resize of it may trip over what the cleanup left), are expected."""
-        ids = self.abandoned_ids | {mid for mid, m in self.checker.p.migrations.items()
-                                    if m.instance_uuid in self.abandoned_ids}
+        ids = self._excused if self._excused is not None else self._excused_ids()
         kept = [p for p in found if not any(i in p for i in ids)]
         self.reached["abandoned_findings"] += len(found) - len(kept)
         return kept
@@ -1139,7 +1140,22 @@ class Simulator:
         return [f"data loss: {name}: {what}" for name, host in self.hosts.items()
                 for what in host.driver.data_loss]
 
+    def _excused_ids(self) -> set[str]:
+        return self.abandoned_ids | {mid for mid, m in self.checker.p.migrations.items()
+                                     if m.instance_uuid in self.abandoned_ids}
+
+    def _release_run_state(self) -> None:
+        """The run is over and checked: each host's shell and the checks' fold go
+        before the final audit, so that its memory does not add to theirs (the
+        controller and the drivers stay, for `driver_mismatches`)."""
+        self._excused = self._excused_ids()
+        for host in self.hosts.values():
+            host.shell = host.raw_log = None
+            host.tasks.clear()
+        self.checker.s = FoldState()
+
     def _audit(self) -> list[str]:
+        self._release_run_state()
         report = audit(self.state_dir)
         return [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
                 for v in report.violations]
