@@ -454,6 +454,14 @@ class SimDisk:
     def forget(self) -> None:
         """Drop every file, directory and lock: the disk is empty again (its files were
         exported, say, and its memory is wanted back)."""
+        for d in self._dirs.values():
+            for table in (d.entries, d.durable):
+                for inode in table.values():
+                    inode.file.close()          # its temporary file goes at once
+            for changes in d.journal:
+                for _, inode in changes:
+                    if inode is not None:
+                        inode.file.close()
         self._dirs.clear()
         self._locks.clear()
         self._open.clear()

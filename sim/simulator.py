@@ -1118,6 +1118,7 @@ class Simulator:
             # No fsync of the exported files: the audit reads them right away.
             host.disk.export(self.state_dir, under=host.base, fsync=False)
             host.disk.forget()      # the files are exported: the audit reads them there
+            host.acked.file.close()
         if getattr(self, "controller_log", None) is not None:
             self.controller_log.close()
         return problems

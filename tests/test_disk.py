@@ -295,3 +295,16 @@ def test_errors_match_the_real_file_system(tmp_path):
             d.unlink(f"{root}/missing")
         assert d.is_dir(root) and not d.is_dir(f"{root}/f")
         assert d.file_size(f"{root}/f") == 0
+
+
+def test_forget_empties_the_disk_and_closes_its_files(tmp_path):
+    d = SimDisk(random.Random(0), spill_dir=str(tmp_path))
+    d.make_dirs(ROOT)
+    h = write(d, "f", b"data", sync=True)
+    d.fsync_dir(ROOT)
+    inode = h.inode
+    d.forget()
+    assert inode.file.closed
+    with pytest.raises(FileNotFoundError):
+        d.list_dir(ROOT)
+    assert list(tmp_path.iterdir()) == []       # the spilled files were never named
