@@ -1,6 +1,6 @@
 """The log's I/O boundary: every file operation of `vmresize.events.log` goes through a `Disk`.
 
-`OsDisk` is the real file system (the default). `SimDisk` is its in-memory twin for tests
+`OsDisk` is the real file system (the default). `SimDisk` is its simulated twin for tests
 and the simulator: deterministic (all its choices come from the `random.Random` it is
 given) and modelled on what a real disk does at a power cut:
 
@@ -18,6 +18,10 @@ given) and modelled on what a real disk does at a power cut:
 - `preallocate` (0 unless asked) is how far ahead the log zero-fills its segment files,
   as it does on a real disk (`OsDisk.preallocate`): tests ask for it to cut power with
   a preallocated tail.
+
+Memory: what a crash would leave of a file (its durable bytes) is kept in an unlinked
+real temporary file (under `spill_dir`), not in memory; only the writes since the last
+fsync are, so a long log costs the simulator no memory.
 
 The simulator's use: one `SimDisk(random.Random(seed))` per simulated machine; open
 `SegmentLog(path, disk=disk)` and `save_snapshot(..., disk=disk)` as on a real host; on a
@@ -39,10 +43,12 @@ import fcntl
 import functools
 import os
 import random
+import tempfile
 import threading
 from typing import Any, Callable, Protocol
 
 OPEN_MODES = ("r", "a", "x", "w", "r+", "x+")
+_COPY_BYTES = 1 << 20                  # export copies a file this much at a time
 
 
 class Disk(Protocol):
@@ -170,31 +176,90 @@ OS_DISK = OsDisk()
 # --------------------------------------------------------------------------- SimDisk
 
 class _Inode:
-    """A file's bytes as reads see them, as a power cut would leave them, and the writes
-    in between (in order): (offset, data) writes, (size, None) truncations."""
+    """A file. Its durable bytes (what a power cut would leave) live in a real temporary
+    file, so that a long log does not stay in memory. In memory: the writes since the
+    last fsync, in order, of which a crash may keep a prefix (`pending`: (offset, data)
+    writes, (size, None) truncations), and the operations that turn the durable bytes
+    into what reads see (`overlay`: the same operations as `pending`, unless a failed
+    fsync made the kernel forget some of them or `corrupt` flipped a bit that is not
+    durable: then `diverged`)."""
 
-    __slots__ = ("data", "durable", "pending")
+    __slots__ = ("file", "durable_size", "size", "pending", "overlay", "diverged")
 
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.durable = bytearray()
+    def __init__(self, spill_dir: str | None) -> None:
+        # Unlinked: gone once closed. Unbuffered: reads and writes go through pread/pwrite.
+        self.file = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
+        self.durable_size = 0
+        self.size = 0                       # the size reads see
         self.pending: list[tuple[int, bytes | None]] = []
+        self.overlay: list[tuple[int, bytes | None]] = []
+        self.diverged = False
 
     def record(self, offset: int, data: bytes | None) -> None:
-        self.pending.append((offset, data))
-        _apply(self.data, offset, data)
+        op = (offset, data)
+        self.pending.append(op)
+        self.overlay.append(op)
+        self.size = offset if data is None else max(self.size, offset + len(data))
 
+    def read(self, offset: int, size: int) -> bytes:
+        """What reads see of bytes [offset, offset + size)."""
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        base = self.read_durable(offset, size)
+        if not self.overlay:
+            return base
+        window = bytearray(base)
+        window.extend(bytes(size - len(window)))
+        length, end = self.durable_size, offset + size      # the size as ops replay
+        for at, data in self.overlay:
+            if data is None:                # a truncation: what it cuts reads as zeros
+                if at < length and at < end:
+                    lo = max(at, offset) - offset
+                    window[lo:] = bytes(size - lo)
+                length = at
+                continue
+            length = max(length, at + len(data))
+            lo, hi = max(at, offset), min(at + len(data), end)
+            if lo < hi:
+                window[lo - offset:hi - offset] = data[lo - at:hi - at]
+        return bytes(window)
 
-def _apply(buf: bytearray, offset: int, data: bytes | None) -> None:
-    if data is None:                                   # truncate to `offset`
-        if len(buf) > offset:
-            del buf[offset:]
-        else:
-            buf.extend(bytes(offset - len(buf)))
-        return
-    if len(buf) < offset:
-        buf.extend(bytes(offset - len(buf)))
-    buf[offset:offset + len(data)] = data
+    def read_durable(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.durable_size - offset))
+        return os.pread(self.file.fileno(), size, offset) if size else b""
+
+    def make_durable(self, ops) -> None:
+        """Apply `ops` to the durable bytes."""
+        fd = self.file.fileno()
+        for offset, data in ops:
+            if data is None:
+                os.ftruncate(fd, offset)
+                self.durable_size = offset
+            else:
+                os.pwrite(fd, data, offset)     # a gap before `offset` reads as zeros
+                self.durable_size = max(self.durable_size, offset + len(data))
+
+    def sync(self) -> None:
+        """The pending operations become durable; reads see what they saw."""
+        whole = self.read(0, self.size) if self.diverged else None
+        self.make_durable(self.pending)
+        self.pending = []
+        self.overlay = []
+        self.diverged = False
+        if whole is not None and whole != self.read_durable(0, self.durable_size):
+            self.overlay = [(0, None), (0, whole)]      # rare: keep the whole file
+            self.diverged = True
+
+    def forget_pending(self) -> None:
+        """A failed fsync: the kernel forgets the unsynced writes (reads still see them)."""
+        self.diverged = self.diverged or bool(self.pending)
+        self.pending = []
+
+    def settle(self) -> None:
+        """After a crash: reads see the durable bytes."""
+        self.pending, self.overlay, self.diverged = [], [], False
+        self.size = self.durable_size
 
 
 class _Dir:
@@ -249,13 +314,14 @@ class SimDisk:
     docstring). Each operation is atomic; `on_fsync` runs outside that, so it may block."""
 
     def __init__(self, rng: random.Random, *, inline: bool = True,
-                 preallocate: int = 0) -> None:
+                 preallocate: int = 0, spill_dir: str | None = None) -> None:
         if preallocate < 0:
             raise ValueError(f"preallocate must be >= 0, got {preallocate}")
         self._mutex = threading.RLock()
         self.rng = rng
         self.inline = inline
         self.preallocate = preallocate     # 0 by default: the simulator's files stay small
+        self.spill_dir = spill_dir          # where files keep their durable bytes
         self.on_fsync: Callable[[str], None] | None = None
         self.fsyncs = 0                    # file fsyncs that succeeded
         self.dir_fsyncs = 0
@@ -284,14 +350,17 @@ class SimDisk:
         """Flip one bit of a file (at a random byte unless `offset` is given), in what
         reads see and in what survives a crash. Returns the byte's offset."""
         inode = self._inode(path)
-        size = len(inode.data)
+        size = inode.size
         if size == 0:
             raise ValueError(f"{path}: cannot corrupt an empty file")
         offset = self.rng.randrange(size) if offset is None else offset
         bit = 1 << self.rng.randrange(8)
-        inode.data[offset] ^= bit
-        if offset < len(inode.durable):
-            inode.durable[offset] ^= bit
+        flipped = bytes([inode.read(offset, 1)[0] ^ bit])
+        if offset < inode.durable_size:
+            inode.make_durable([(offset, bytes([inode.read_durable(offset, 1)[0] ^ bit]))])
+        if inode.read(offset, 1) != flipped:        # the byte read is not the durable one
+            inode.overlay.append((offset, flipped))
+            inode.diverged = True
         return offset
 
     @_atomic
@@ -338,16 +407,15 @@ class SimDisk:
                     break
                 survivors.append((offset, data))
                 left -= 0 if data is None else len(data)
-        for offset, data in survivors:
-            _apply(inode.durable, offset, data)
-        inode.pending.clear()
-        inode.data = bytearray(inode.durable)
+        inode.make_durable(survivors)
+        inode.settle()
 
     @_atomic
-    def durable_bytes(self, path) -> bytes:
-        """What a crash now would leave of the file's data (if its name survives)."""
+    def durable_bytes(self, path, offset: int = 0) -> bytes:
+        """What a crash now would leave of the file's data (if its name survives), from
+        byte `offset` on."""
         inode = self._inode(path)
-        return bytes(inode.durable)
+        return inode.read_durable(offset, inode.durable_size - offset)
 
     @_atomic
     def sync_all(self) -> None:
@@ -357,9 +425,7 @@ class SimDisk:
                 _apply_names(d.durable, changes)
             d.journal.clear()
             for inode in d.entries.values():
-                for offset, data in inode.pending:
-                    _apply(inode.durable, offset, data)
-                inode.pending.clear()
+                inode.sync()
 
     @_atomic
     def export(self, target, under, *, fsync: bool = True) -> list[str]:
@@ -375,7 +441,8 @@ class SimDisk:
             for name, inode in sorted(d.durable.items()):
                 out = os.path.join(out_dir, name)
                 with open(out, "wb") as f:
-                    f.write(inode.durable)
+                    for at in range(0, inode.durable_size, _COPY_BYTES):
+                        f.write(inode.read_durable(at, _COPY_BYTES))
                     if fsync:
                         os.fsync(f.fileno())
                 written.append(out)
@@ -387,6 +454,14 @@ class SimDisk:
     def forget(self) -> None:
         """Drop every file, directory and lock: the disk is empty again (its files were
         exported, say, and its memory is wanted back)."""
+        for d in self._dirs.values():
+            for table in (d.entries, d.durable):
+                for inode in table.values():
+                    inode.file.close()          # its temporary file goes at once
+            for changes in d.journal:
+                for _, inode in changes:
+                    if inode is not None:
+                        inode.file.close()
         self._dirs.clear()
         self._locks.clear()
         self._open.clear()
@@ -405,7 +480,7 @@ class SimDisk:
         if mode in ("r", "a", "r+") and inode is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if inode is None:
-            inode = _Inode()
+            inode = _Inode(self.spill_dir)
             d.change((name, inode))
         elif mode == "w":
             inode.record(0, None)
@@ -418,7 +493,7 @@ class SimDisk:
         inode = self._live(handle)
         if handle.mode == "r":
             raise _oserror(errno.EBADF, handle.path)
-        offset = handle.position if handle.mode == "w" else len(inode.data)
+        offset = handle.position if handle.mode == "w" else inode.size
         written = self._write_at(handle, inode, data, offset)
         handle.position = offset + written
         return written
@@ -434,7 +509,7 @@ class SimDisk:
         data = bytes(data)
         if self._capacity is not None:
             room = self._capacity - self._used()
-            grows = max(0, offset + len(data) - len(inode.data))
+            grows = max(0, offset + len(data) - inode.size)
             if grows > room:
                 if len(data) - (grows - room) <= 0:
                     raise _oserror(errno.ENOSPC, handle.path)
@@ -444,7 +519,7 @@ class SimDisk:
 
     @_atomic
     def pread(self, handle: _Handle, size: int, offset: int) -> bytes:
-        return bytes(self._live(handle).data[offset:offset + size])
+        return self._live(handle).read(offset, size)
 
     def fsync(self, handle: _Handle) -> None:
         if self.on_fsync is not None:
@@ -456,11 +531,9 @@ class SimDisk:
         inode = self._live(handle)          # the hook may have crashed the disk
         if self._fsync_failures:
             self._fsync_failures -= 1
-            inode.pending.clear()           # the kernel forgets what it failed to write
+            inode.forget_pending()          # the kernel forgets what it failed to write
             raise _oserror(errno.EIO, handle.path)
-        for offset, data in inode.pending:
-            _apply(inode.durable, offset, data)
-        inode.pending.clear()
+        inode.sync()
         self.fsyncs += 1
 
     @_atomic
@@ -472,7 +545,7 @@ class SimDisk:
 
     @_atomic
     def size(self, handle: _Handle) -> int:
-        return len(self._live(handle).data)
+        return self._live(handle).size
 
     @_atomic
     def close(self, handle: _Handle) -> None:
@@ -496,7 +569,7 @@ class SimDisk:
 
     @_atomic
     def file_size(self, path) -> int:
-        return len(self._inode(path).data)
+        return self._inode(path).size
 
     @_atomic
     def list_dir(self, path) -> list[str]:
@@ -592,4 +665,4 @@ class SimDisk:
     def _used(self) -> int:
         inodes = {id(i): i for d in self._dirs.values() for i in d.entries.values()}
         inodes.update((id(h.inode), h.inode) for h in list(self._open))
-        return sum(len(i.data) for i in inodes.values())
+        return sum(i.size for i in inodes.values())

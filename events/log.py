@@ -218,10 +218,12 @@ class _Cursor:
     or incomplete record at `pos`), or is None when it stopped at a record boundary.
     """
 
-    def __init__(self, disk: Disk, directory: Path, first: int):
+    def __init__(self, disk: Disk, directory: Path, first: int,
+                 chunk_bytes: int = _CHUNK_BYTES):
         self.disk = disk
         self.directory = directory
         self.first = first
+        self.chunk_bytes = chunk_bytes      # how much one read of the segment asks for
         self.pos = 0
         self.offset = first
         self.problem: str | None = None
@@ -230,7 +232,8 @@ class _Cursor:
         self.ends: dict[int, int] = {}
 
     @classmethod
-    def at(cls, disk: Disk, directory: Path, start: int) -> "_Cursor | None":
+    def at(cls, disk: Disk, directory: Path, start: int,
+           chunk_bytes: int = _CHUNK_BYTES) -> "_Cursor | None":
         """A cursor at the start of the segment holding `start`; None if there is none."""
         firsts = _segments(disk, directory)
         if not firsts:
@@ -238,7 +241,8 @@ class _Cursor:
         if firsts[0] != 0:
             raise CorruptLog(directory / segment_name(firsts[0]), 0,
                              f"the first segment starts at offset {firsts[0]}, not 0")
-        return cls(disk, directory, firsts[bisect.bisect_right(firsts, start) - 1])
+        return cls(disk, directory, firsts[bisect.bisect_right(firsts, start) - 1],
+                   chunk_bytes)
 
     @property
     def path(self) -> Path:
@@ -272,10 +276,11 @@ class _Cursor:
         self.problem = None
         pos, offset, header = self.pos, self.offset, _HEADER.size
         unpack, crc32, disk = _HEADER.unpack_from, zlib.crc32, self.disk
+        chunk = self.chunk_bytes
         limit = self.ends.get(self.first, 1 << 63)        # read no byte past it
         fd = disk.open(self.path, "r")
         try:
-            buf, i = disk.pread(fd, min(_CHUNK_BYTES, limit - pos), pos), 0  # buf[i]: `pos`
+            buf, i = disk.pread(fd, min(chunk, limit - pos), pos), 0    # buf[i]: `pos`
             end = pos + len(buf)                            # where the next read starts
             while offset < stop_at:
                 avail = len(buf) - i
@@ -291,8 +296,7 @@ class _Cursor:
                 if avail < need:
                     if end >= limit:        # records go on past the hint: read on
                         limit = 1 << 63
-                    more = disk.pread(fd, min(max(_CHUNK_BYTES, need - avail),
-                                              limit - end), end)
+                    more = disk.pread(fd, min(max(chunk, need - avail), limit - end), end)
                     end += len(more)
                     if not more:
                         if avail and (avail >= header or buf.count(0, i) != avail):
@@ -443,9 +447,12 @@ class SegmentLog:
 
     def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,
                  fsync: bool = True, segment_bytes: int = SEGMENT_BYTES_DEFAULT,
-                 create: bool = True, verify: bool = True, disk: Disk = OS_DISK):
+                 create: bool = True, verify: bool = True, disk: Disk = OS_DISK,
+                 read_chunk_bytes: int = _CHUNK_BYTES):
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be > 0, got {segment_bytes}")
+        if read_chunk_bytes <= 0:
+            raise ValueError(f"read_chunk_bytes must be > 0, got {read_chunk_bytes}")
         self.directory = Path(directory)
         self.disk = disk
         self.readonly = readonly
@@ -454,6 +461,9 @@ class SegmentLog:
         self.fsyncs = 0                   # fsyncs of segment files, for benchmarks
         self._fsync = fsync
         self._segment_bytes = segment_bytes
+        # Readers ask the disk for this much at a time: a reader among many read
+        # together (the audit merges every host's log) asks for less.
+        self._read_chunk = read_chunk_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)    # batches settled
         self._work = threading.Condition(self._lock)    # the writer thread has work
@@ -874,7 +884,7 @@ class SegmentLog:
             ends[self._seg_first] = self._seg_size   # racy with a roll-over: a hint
             if start >= stop:
                 return
-        cursor = _Cursor.at(self.disk, self.directory, start)
+        cursor = _Cursor.at(self.disk, self.directory, start, self._read_chunk)
         if cursor is None:
             return
         cursor.ends = ends
@@ -892,7 +902,8 @@ class SegmentLog:
         """Yield records from `start` on as they are written, until `stop_event` is set."""
         cursor, expected = None, start
         while stop_event is None or not stop_event.is_set():
-            cursor = cursor or _Cursor.at(self.disk, self.directory, start)
+            cursor = cursor or _Cursor.at(self.disk, self.directory, start,
+                                          self._read_chunk)
             if cursor is not None:
                 for offset, payload in cursor.records(None):
                     if offset >= start:

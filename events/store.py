@@ -57,14 +57,16 @@ def decode_records(log: SegmentLog, log_dir: Path, decode, start: int = 0,
 
 
 class HostLogReader:
-    """One host's log opened read-only."""
+    """One host's log opened read-only; `chunk_bytes`: how much each read of a segment
+    asks for (see `merged_chunk_bytes`)."""
 
-    def __init__(self, state_dir: str | Path, host: str):
+    def __init__(self, state_dir: str | Path, host: str, chunk_bytes: int = 1 << 20):
         self.host = host
         self.log_dir = host_dir(state_dir, host) / "log"
         # Older segments are checked as they are read: a bad record still raises
         # CorruptLog, without reading every segment twice.
-        self.log = SegmentLog(self.log_dir, readonly=True, verify=False)
+        self.log = SegmentLog(self.log_dir, readonly=True, verify=False,
+                              read_chunk_bytes=chunk_bytes)
 
     @property
     def torn_tail(self) -> TornTail | None:
@@ -82,8 +84,22 @@ class HostLogReader:
         self.log.close()
 
 
+# What the readers of logs read together (merged, as the audit does) buffer in all: each
+# reads its share at a time, so memory does not grow with the number of hosts nor, as
+# long as logs are shorter than a chunk, with the history.
+MERGED_READ_BYTES = 2 << 20
+
+
+def merged_chunk_bytes(logs: int) -> int:
+    """How much each of `logs` readers read together asks for at a time."""
+    return min(1 << 20, max(16 << 10, MERGED_READ_BYTES // max(1, logs)))
+
+
 def open_host_logs(state_dir: str | Path) -> dict[str, HostLogReader]:
-    return {h: HostLogReader(state_dir, h) for h in host_names(state_dir)}
+    """Every host's log, to be read together."""
+    hosts = host_names(state_dir)
+    chunk = merged_chunk_bytes(len(hosts))
+    return {h: HostLogReader(state_dir, h, chunk) for h in hosts}
 
 
 def read_controller_log(state_dir: str | Path) -> Iterator[ControllerEnvelope]:
@@ -95,4 +111,5 @@ def read_controller_log(state_dir: str | Path) -> Iterator[ControllerEnvelope]:
 
 
 __all__ = ["CorruptLog", "LogError", "HostLogReader", "open_host_logs", "host_names",
+           "merged_chunk_bytes",
            "host_dir", "controller_dir", "read_controller_log", "decode_records"]

@@ -34,6 +34,15 @@ from vmresize.events.log import CorruptLog, LogError
 from vmresize.events.schema import Envelope
 
 CHUNK_RECORDS = 4096
+# The records of every host in flight at once (a host's chunk is decoded whole): each
+# host's chunks hold a share of this many, so that with many short logs this side does
+# not hold the whole history decoded.
+MERGED_RECORDS = 2048
+
+
+def chunk_records_for(hosts: int) -> int:
+    """Records in each host's chunk when `hosts` logs are merged."""
+    return min(CHUNK_RECORDS, max(16, MERGED_RECORDS // max(1, hosts)))
 _ARRAY32 = struct.Struct(">BI")        # msgpack array 32 header: 0xdd, count
 _CHUNK_DECODER = msgspec.msgpack.Decoder(list[Envelope])
 
@@ -60,11 +69,12 @@ def _host_side(requests, conn, state_dir: str, hosts: list[str],
                chunk_records: int) -> None:
     """Answer each request (a host's index) with that host's next chunk; None asks for
     the ledgers (and where each allocation last changed) and the torn tails, and ends."""
-    from vmresize.events.store import HostLogReader
+    from vmresize.events.store import HostLogReader, merged_chunk_bytes
     from vmresize.projections.audit import _Checker
     readers = []
     try:
-        readers = [HostLogReader(state_dir, h) for h in hosts]
+        readers = [HostLogReader(state_dir, h, merged_chunk_bytes(len(hosts)))
+                   for h in hosts]
         conn.send(("open",))
         checker = _Checker(instance_side=False)
         streams = [r.records() for r in readers]
@@ -156,7 +166,7 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
     from vmresize.projections.fold import merge_logs
     helper, requests, conn = _start_helper()
     try:
-        requests.send((str(state_dir), hosts, chunk_records or CHUNK_RECORDS))
+        requests.send((str(state_dir), hosts, chunk_records or chunk_records_for(len(hosts))))
         checker = _Checker(host_side=False)
         chunks = _Chunks(requests, conn, hosts, checker)
         chunks.expect("open")

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import datetime
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgspec
 
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, Resources
 from vmresize.projections.fold import (_INSTANCE_EVENTS, _LEDGER_EVENTS, _MIGRATION_EVENTS,
-                                       FoldState, merge_logs)
+                                       FoldState, MigrationRecord, merge_logs)
 from vmresize.projections.state import claim_key, instance_key, source_key
 from vmresize.protocol.states import MigrationStatus as MS
 from vmresize.protocol.table import TRANSITIONS
@@ -105,13 +105,23 @@ class _Checker:
     feed would have."""
 
     def __init__(self, host_side: bool = True, instance_side: bool = True,
-                 end_state: bool = True):
+                 end_state: bool = True, keep_ended: int | None = None,
+                 on_forget: Callable[[MigrationRecord], None] | None = None):
         self.s = FoldState()
         self.host_side = host_side
         self.instance_side = instance_side
         # False: `finish` is never called (the simulator audits the logs at its end), so
         # where each migration and allocation last changed is not kept.
         self.end_state = end_state
+        # Without end-state checks, only the last `keep_ended` ended migrations are kept
+        # (a record of one forgotten is "never claimed"); `on_forget` sees each one as it
+        # goes. None: every migration is kept.
+        if keep_ended is not None and (end_state or keep_ended < 0):
+            raise ValueError(f"keep_ended: needs end_state=False and a count >= 0, got "
+                             f"{keep_ended!r} with end_state={end_state}")
+        self.keep_ended = keep_ended
+        self.on_forget = on_forget
+        self.ended: dict[str, None] = {}                 # ended migrations, oldest first
         self.violations: list[Violation] = []
         self.host_findings: dict[tuple[str, int], list[Violation]] = {}
         # per instance: its last version, and where its last VERSION_WINDOW versions were
@@ -150,10 +160,12 @@ class _Checker:
         else:
             self.s.apply(env, self.host_side, self.instance_side)
         if mid:
-            self._check_transition(env, before is not None, old, was_final,
-                                   self.s.migrations.get(mid))
+            after = self.s.migrations.get(mid)
+            self._check_transition(env, before is not None, old, was_final, after)
             if self.end_state:
                 self.mig_last[mid] = (env.host, env.offset)
+            elif self.keep_ended is not None and after is not None and after.final:
+                self._forget_ended(mid)
         if self.end_state:
             if t is _SPAWN_FAILED or t is _DELETED:
                 self.no_alloc.add(e.instance_uuid)
@@ -164,6 +176,16 @@ class _Checker:
                 self._check_capacity(env)
             elif self.host_findings:
                 self.violations.extend(self.host_findings.pop((env.host, env.offset), ()))
+
+    def _forget_ended(self, mid: str) -> None:
+        ended = self.ended
+        ended.pop(mid, None)                # ended again (an error's cleanup): newest now
+        ended[mid] = None
+        while len(ended) > self.keep_ended:
+            gone = self.s.migrations.pop(next(iter(ended)))
+            del ended[gone.id]
+            if self.on_forget is not None:
+                self.on_forget(gone)
 
     def _apply_noting_changes(self, env: Envelope, keys: tuple[str, ...]) -> None:
         """apply, and note which of `keys` the record changed in its host's ledger."""

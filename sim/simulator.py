@@ -38,9 +38,11 @@ import asyncio
 import collections
 import hashlib
 import itertools
+import os
 import random
 import shlex
 import shutil
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -63,6 +65,7 @@ from vmresize.events.disk import SimDisk
 from vmresize.events.log import _HEADER, DiskFull, LogFailed, SegmentLog
 from vmresize.offline.audit import audit
 from vmresize.projections.audit import _Checker
+from vmresize.projections.fold import FoldState
 from vmresize.protocol.states import RUNNING, MigrationStatus as MS, Step
 from vmresize.protocol.table import INTENTS, STEP_OF_INTENT, STEPS
 
@@ -85,6 +88,7 @@ HEAL_S = 3600.0              # virtual seconds to settle everything once faults 
 VIRTUAL_LIMIT_S = 2 * HEAL_S    # a whole run, plus this per operation: stuck beyond it
 VIRTUAL_S_PER_OPERATION = 10.0
 HISTORY = 1000              # lines of `Simulator.history` kept
+KEEP_ENDED = 1024           # ended migrations the checks keep (as many as the controller)
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
 
 
@@ -160,7 +164,7 @@ class _Host:
     """One simulated compute host: its disk and driver survive crashes; its log (opened
     again from the disk), its shell and its tasks do not."""
 
-    def __init__(self, name: str, disk: SimDisk, driver: FakeDriver):
+    def __init__(self, name: str, disk: SimDisk, driver: FakeDriver, spill_dir: str):
         self.name = name
         self.disk = disk
         self.base = f"{SIM_ROOT}/{name}"
@@ -172,10 +176,7 @@ class _Host:
         self.tasks: dict[asyncio.Future, None] = {}    # insertion order: deterministic
         self.generation = 0
         self.steps: dict[str, str] = {}     # command id -> step of its intent
-        # offset -> digest of the record the controller was told of (8 bytes, not the
-        # record: this grows with the history)
-        self.acked: dict[int, bytes] = {}
-        self.delivered: dict[str, int] = {}     # command id -> generation it reached
+        self.acked = _Acked(spill_dir)      # the records the controller was told of
         self.found_open: set[str] = set()   # intents open when this incarnation started
         self.resumed: set[str] = set()      # ... that it resumed by itself
         self.full_until = -1.0
@@ -274,8 +275,9 @@ class Simulator:
         self.injected: dict[str, int] = {k: 0 for k in FAULT_KINDS}
         self.hash = hashlib.sha256()
         # Its end-state checks are the final audit's (of the logs): it keeps none of
-        # their bookkeeping.
-        self.checker = _Checker(end_state=False)
+        # their bookkeeping, and of ended migrations only the last KEEP_ENDED.
+        self.checker = _Checker(end_state=False, keep_ended=KEEP_ENDED,
+                                on_forget=self._forgot_migration)
         self.events = 0
         self.hosts: dict[str, _Host] = {}
         self.controller: Controller | None = None
@@ -294,6 +296,7 @@ class Simulator:
         # Instances and migrations with an abandoned cleanup: what it leaves behind is
         # for an operator, and findings about them are expected, not violations.
         self.abandoned_ids: set[str] = set()
+        self._excused: set[str] | None = None      # ... with their migrations, at the end
         self.windows: dict[str, int] = {cell: 0 for cell in CELLS}
         self.reached: dict[str, int] = {k: 0 for k in REACHED}
         # Three windows a third of the table apart: a sweep of N seeds aims at each
@@ -383,9 +386,13 @@ class Simulator:
     def build_hosts(self) -> None:
         first, limit = self._policy()
         storage = None
+        # The disks keep their files' durable bytes in unlinked files in the state
+        # directory (which nothing else reads until the disks are exported there).
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.cfg.hosts + 1):
             name = f"sim-{i}"
-            disk = SimDisk(random.Random(self.rng.getrandbits(32)))
+            disk = SimDisk(random.Random(self.rng.getrandbits(32)),
+                           spill_dir=str(self.state_dir))
             if not (self.cfg.shared_pairs and i % 2 == 0 and storage is not None):
                 storage = FakeStorage()     # odd hosts start a pool, even ones share it
             plan = FaultPlan(seed=self.rng.getrandbits(32))
@@ -405,7 +412,7 @@ class Simulator:
                                 latency=Latency(0.05, 0.2),
                                 on_crash=lambda n=name: self._driver_crash(n),
                                 rng=random.Random(self.rng.getrandbits(32)))
-            self.hosts[name] = host = _Host(name, disk, driver)
+            self.hosts[name] = host = _Host(name, disk, driver, str(self.state_dir))
             disk.on_fsync = lambda path, h=host: self._in_fsync(h, path)
 
     def _driver_crash(self, name: str) -> None:
@@ -455,16 +462,26 @@ class Simulator:
     def check_acked(self, host: _Host, when: str) -> None:
         """The oracle of durability: every envelope the controller was given by this
         host is in the host's log, byte for byte."""
-        if not host.acked:
+        acked = host.acked
+        if acked.first is None:
             return
-        records = dict(host.raw_log.read(min(host.acked)))
-        for offset, digest in sorted(host.acked.items()):
-            got = records.get(offset)
-            if got is None or _digest(got) != digest:
-                self.breaches.append(
-                    f"durability: {host.name} offset {offset}, which the controller was "
-                    f"told of, is {'gone' if got is None else 'different'} {when}")
+        expect = acked.from_offset(acked.first)
+        offset, digest = next(expect, (None, b""))
+        at = None
+        for at, record in host.raw_log.read(acked.first):   # streamed: the log is long
+            if offset is None:
                 return
+            if at < offset:
+                continue
+            if at > offset or _digest(record) != digest:
+                break
+            offset, digest = next(expect, (None, b""))
+        else:
+            if offset is None:
+                return
+        self.breaches.append(
+            f"durability: {host.name} offset {offset}, which the controller was told "
+            f"of, is {'different' if at == offset else 'gone'} {when}")
 
     def _in_fsync(self, host: _Host, path: str) -> None:
         """A power cut inside the fsync of an append: its write may be lost or torn."""
@@ -496,15 +513,16 @@ class Simulator:
         seg = segs[-1]
         if seg != host.durable_seg:
             host.durable_seg, host.durable_pos, host.durable_count = seg, 0, 0
-        data = disk.durable_bytes(f"{host.log_dir}/{seg}")
-        pos, count = host.durable_pos, host.durable_count
+        base = host.durable_pos             # what was counted is not read again
+        data = disk.durable_bytes(f"{host.log_dir}/{seg}", base)
+        pos, count = 0, host.durable_count
         while pos + _HEADER.size <= len(data):
             size, _ = _HEADER.unpack_from(data, pos)
             if pos + _HEADER.size + size > len(data):
                 break
             pos += _HEADER.size + size
             count += 1
-        host.durable_pos, host.durable_count = pos, count
+        host.durable_pos, host.durable_count = base + pos, count
         return int(seg[:20]) + count
 
     def check_intent(self, host: _Host, method: str, arg) -> str:
@@ -611,7 +629,6 @@ class Simulator:
             raise HostUnavailable(f"{host_name} is down")
         if not self._deliverable(host, cmd.command_id):
             return await self._own_outcome(host, cmd.command_id, timeout_s)
-        host.delivered.setdefault(cmd.command_id, host.generation)
         if self.roll("duplicate", self.cfg.duplicate_p):
             self._host_task(host, self._deliver_again(host, cmd))
         self._maybe_stale(host)
@@ -658,7 +675,7 @@ class Simulator:
 
     def _acknowledged(self, host: _Host, envs) -> None:
         for env in envs:
-            host.acked[env.offset] = _digest(encode(env))
+            host.acked.add(env.offset, _digest(encode(env)))
 
     def _deliverable(self, host: _Host, cid: str) -> bool:
         """With `resend` off, a command whose intent this incarnation of the host found
@@ -1101,15 +1118,21 @@ class Simulator:
             # No fsync of the exported files: the audit reads them right away.
             host.disk.export(self.state_dir, under=host.base, fsync=False)
             host.disk.forget()      # the files are exported: the audit reads them there
+            host.acked.file.close()
         if getattr(self, "controller_log", None) is not None:
             self.controller_log.close()
         return problems
 
+    def _forgot_migration(self, mig) -> None:
+        """The checks forgot an ended migration: if its instance had an abandoned
+        cleanup, findings about it are still expected."""
+        if mig.instance_uuid in self.abandoned_ids:
+            self.abandoned_ids.add(mig.id)
+
     def _excuse_abandoned(self, found: list[str]) -> list[str]:
         """Findings about an instance with an abandoned cleanup, or any migration of it
         (a later resize of it may trip over what the cleanup left), are expected."""
-        ids = self.abandoned_ids | {mid for mid, m in self.checker.p.migrations.items()
-                                    if m.instance_uuid in self.abandoned_ids}
+        ids = self._excused if self._excused is not None else self._excused_ids()
         kept = [p for p in found if not any(i in p for i in ids)]
         self.reached["abandoned_findings"] += len(found) - len(kept)
         return kept
@@ -1118,10 +1141,52 @@ class Simulator:
         return [f"data loss: {name}: {what}" for name, host in self.hosts.items()
                 for what in host.driver.data_loss]
 
+    def _excused_ids(self) -> set[str]:
+        return self.abandoned_ids | {mid for mid, m in self.checker.p.migrations.items()
+                                     if m.instance_uuid in self.abandoned_ids}
+
+    def _release_run_state(self) -> None:
+        """The run is over and checked: each host's shell and the checks' fold go
+        before the final audit, so that its memory does not add to theirs (the
+        controller and the drivers stay, for `driver_mismatches`)."""
+        self._excused = self._excused_ids()
+        for host in self.hosts.values():
+            host.shell = host.raw_log = None
+            host.tasks.clear()
+        self.checker.s = FoldState()
+
     def _audit(self) -> list[str]:
+        self._release_run_state()
         report = audit(self.state_dir)
         return [f"audit {v.invariant} at {v.host}:{v.offset}: {v.message}"
                 for v in report.violations]
+
+
+class _Acked:
+    """The records of a host's log the controller was told of, as an 8-byte digest per
+    offset, kept in an unlinked temporary file (a slot of 9 bytes per offset: a flag,
+    then the digest), since they are as many as the log's records."""
+
+    SLOT = 9
+
+    def __init__(self, spill_dir: str):
+        self.file = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
+        self.first: int | None = None       # the lowest offset told of
+        self.end = 0                        # one past the highest
+
+    def add(self, offset: int, digest: bytes) -> None:
+        os.pwrite(self.file.fileno(), b"\x01" + digest, offset * self.SLOT)
+        self.first = offset if self.first is None else min(self.first, offset)
+        self.end = max(self.end, offset + 1)
+
+    def from_offset(self, start: int, batch: int = 4096):
+        """(offset, digest) of every record told of, from `start` on, in order."""
+        fd = self.file.fileno()
+        for base in range(start, self.end, batch):
+            chunk = os.pread(fd, batch * self.SLOT, base * self.SLOT)
+            for i in range(0, len(chunk), self.SLOT):
+                if chunk[i]:
+                    yield base + i // self.SLOT, chunk[i + 1:i + self.SLOT]
 
 
 def _digest(record) -> bytes:

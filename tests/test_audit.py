@@ -57,6 +57,30 @@ def test_clean_hand_history_passes():
     assert report.open_migrations == 0
 
 
+def test_a_checker_without_end_state_keeps_a_window_of_ended_migrations():
+    """The simulator's incremental checker keeps the last `keep_ended` ended migrations:
+    the oldest goes (and is shown to `on_forget`); a record of it later is reported."""
+    from vmresize.projections.audit import _Checker, merge_logs
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    h.resize("m2", U, "a", "b", TINY, SMALL)
+    h.full_resize("m2")
+    h.confirm("m2")
+    forgotten = []
+    c = _Checker(end_state=False, keep_ended=1, on_forget=forgotten.append)
+    for env in merge_logs(h.logs):
+        c.feed(env)
+    assert [m.id for m in forgotten] == [M] and set(c.p.migrations) == {"m2"}
+    assert c.violations == []
+    last_of_m = [e.event for e in h.logs["b"] if getattr(e.event, "migration_id", "") == M]
+    c.feed(h.add("b", msgspec.structs.replace(last_of_m[-1])))     # M's last, once more
+    assert any(v.invariant == "state-machine" and f"migration {M} that was never "
+               "claimed" in v.message for v in c.violations), c.violations
+    with pytest.raises(ValueError, match="keep_ended"):
+        _Checker(keep_ended=1)      # the end-state checks need every migration
+
+
 @settings(max_examples=25, deadline=None)
 @given(h=s.hand_histories())
 def test_every_hand_built_protocol_path_passes(h):
@@ -938,3 +962,10 @@ def test_two_processes_raise_what_one_does_on_a_corrupt_log(tmp_path):
             audit(tmp_path, processes=processes)
         errors.append((exc.value.path, exc.value.offset))
     assert errors[0] == errors[1] == (str(seg), 0)
+
+
+def test_a_split_audit_of_many_logs_keeps_few_records_of_each_in_flight():
+    split_module = importlib.import_module("vmresize.offline.split_audit")
+    assert split_module.chunk_records_for(1) == split_module.MERGED_RECORDS
+    assert split_module.chunk_records_for(100) * 100 <= split_module.MERGED_RECORDS
+    assert split_module.chunk_records_for(100_000) == 16

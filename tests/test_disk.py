@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import random
+import tracemalloc
 
 import pytest
 
@@ -131,6 +132,67 @@ def test_failed_fsync_forgets_the_unsynced_data():
     assert content(d, "f") == b"kept"
 
 
+def test_reads_see_unsynced_truncations_and_writes_over_the_durable_bytes():
+    d = disk()
+    h = write(d, "f", b"abcdefgh", sync=True)
+    d.fsync_dir(ROOT)
+    d.truncate(h, 2)
+    d.truncate(h, 5)                                     # what grows back reads as zeros
+    d.write(h, b"XY")
+    assert content(d, "f") == b"ab\0\0\0XY"
+    assert d.pread(h, 5, 1) == b"b\0\0\0X"
+    assert d.durable_bytes(f"{ROOT}/f") == b"abcdefgh"
+    assert d.durable_bytes(f"{ROOT}/f", 6) == b"gh"
+    d.fsync(h)
+    assert content(d, "f") == d.durable_bytes(f"{ROOT}/f") == b"ab\0\0\0XY"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reads_match_a_plain_buffer(seed):
+    """Random appends, truncations, fsyncs and reads, checked against a bytearray; at
+    the end a crash that keeps every write leaves the same bytes."""
+    rng, d, model = random.Random(seed), disk(seed), bytearray()
+    h = write(d, "f", b"", sync=True)
+    d.fsync_dir(ROOT)
+    for _ in range(60):
+        op = rng.random()
+        if op < 0.45:
+            chunk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 9)))
+            d.write(h, chunk)
+            model += chunk
+        elif op < 0.6:
+            size = rng.randint(0, len(model) + 6)
+            d.truncate(h, size)
+            model = model[:size] + bytes(max(0, size - len(model)))
+        elif op < 0.75:
+            d.fsync(h)
+        else:
+            at, size = rng.randint(0, len(model) + 2), rng.randint(0, 12)
+            assert d.pread(h, size, at) == bytes(model[at:at + size])
+        assert d.size(h) == len(model)
+    assert content(d, "f") == bytes(model)
+    d.crash(keep_bytes=10 ** 6)
+    assert content(d, "f") == bytes(model)
+
+
+def test_durable_bytes_are_kept_out_of_memory(tmp_path):
+    d = SimDisk(random.Random(0), spill_dir=str(tmp_path))
+    d.make_dirs(ROOT)
+    chunk = bytes(range(256)) * 256                      # 64 KiB
+    tracemalloc.start()
+    try:
+        h = write(d, "f", sync=True)
+        for _ in range(64):                              # 4 MiB, each chunk synced
+            d.write(h, chunk)
+            d.fsync(h)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1024 * 1024, f"{held} bytes held for a 4 MiB file"
+    assert d.size(h) == 64 * len(chunk)
+    assert d.pread(h, 10, 64 * len(chunk) - 5) == chunk[-5:]
+
+
 def test_a_full_disk_writes_short_then_refuses():
     d = disk()
     h = write(d, "f", b"12345", sync=True)
@@ -233,3 +295,16 @@ def test_errors_match_the_real_file_system(tmp_path):
             d.unlink(f"{root}/missing")
         assert d.is_dir(root) and not d.is_dir(f"{root}/f")
         assert d.file_size(f"{root}/f") == 0
+
+
+def test_forget_empties_the_disk_and_closes_its_files(tmp_path):
+    d = SimDisk(random.Random(0), spill_dir=str(tmp_path))
+    d.make_dirs(ROOT)
+    h = write(d, "f", b"data", sync=True)
+    d.fsync_dir(ROOT)
+    inode = h.inode
+    d.forget()
+    assert inode.file.closed
+    with pytest.raises(FileNotFoundError):
+        d.list_dir(ROOT)
+    assert list(tmp_path.iterdir()) == []       # the spilled files were never named

@@ -392,6 +392,27 @@ def tree(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_readers_read_in_chunks_of_any_size(tmp_path, chunk):
+    """A chunk smaller than a record, or than a header, still reads every record once."""
+    items = make_log(tmp_path / "log", 20, segment_bytes=600)
+    log = SegmentLog(tmp_path / "log", readonly=True, verify=False, read_chunk_bytes=chunk)
+    assert [p for _, p in log.read()] == items
+    assert [p for _, p in log.read(13, 17)] == items[13:17]
+
+
+def test_read_chunk_bytes_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="read_chunk_bytes"):
+        SegmentLog(tmp_path / "log", read_chunk_bytes=0)
+
+
+def test_logs_read_together_share_a_bounded_buffer():
+    from vmresize.events.store import MERGED_READ_BYTES, merged_chunk_bytes
+    assert merged_chunk_bytes(1) == 1 << 20
+    assert merged_chunk_bytes(100) * 100 <= MERGED_READ_BYTES
+    assert merged_chunk_bytes(10_000) == 16 << 10       # never less than this
+
+
 def test_torn_tail_is_truncated_and_reported(tmp_path):
     directory = tmp_path / "log"
     items = make_log(directory, 10)

@@ -200,6 +200,23 @@ def test_data_the_driver_lost_is_a_violation(tmp_path, monkeypatch):
     assert any(v.startswith("data loss: ") for v in result.violation_list)
 
 
+def test_a_disk_that_loses_synced_records_is_a_durability_violation(tmp_path, monkeypatch):
+    """The durability oracle: a crash that takes the last synced record of a log with it
+    (an fsync that lied) loses a record the controller was told of."""
+    from vmresize.events.disk import SimDisk
+    real = SimDisk._settle_after_crash
+
+    def loses_synced_bytes(self, inode, keep_bytes):
+        real(self, inode, keep_bytes)
+        if inode.durable_size > 64:
+            inode.make_durable([(inode.durable_size - 1, None)])     # cut a byte
+            inode.settle()
+    monkeypatch.setattr(SimDisk, "_settle_after_crash", loses_synced_bytes)
+    _, result = simulate(1, tmp_path, crash_p=0.02)
+    assert any(v.startswith("durability: ") and "is gone" in v
+               for v in result.violation_list), _explain(1, result)
+
+
 # --------------------------------------------------------------------------- broken on purpose
 
 def _first_seed_with_violations(tmp_path, seeds=range(5), **kw):
