@@ -377,9 +377,11 @@ def test_round_trip_on_a_detached_cluster_survives_down_and_up(tmp_path, ray_pro
     up = False
     try:
         up = True
-        started = doc("up", timeout_s=600)
+        proc = cli("--json", "up", timeout_s=600)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        started = json.loads(proc.stdout)
         hosts = started["hosts"]
-        assert started["api_url"] == f"http://127.0.0.1:{port}/v2.1"
+        assert started["api_url"] == f"http://127.0.0.1:{port}/v2.1", proc.stderr
         ray_processes.record(state)
         assert sorted((h["name"], h["up"]) for h in hosts) == [("compute-1", True),
                                                                ("compute-2", True)]
