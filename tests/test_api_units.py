@@ -43,6 +43,23 @@ def test_bad_api_section_names_the_field(api, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("extra, words", [
+    ("hosts: [{name: c, vcpus: 1, memory_mb: 4096, disk_gb: 1},"
+     " {name: c, vcpus: 1, memory_mb: 4096, disk_gb: 1}]",
+     "hosts[1].name: 'c' is also hosts[0].name; names must be unique"),
+    ('api: {users: [{name: u, password_hash: "scrypt$x"},'
+     ' {name: u, password_hash: "scrypt$y"}]}',
+     "api.users[1].name: 'u' is also api.users[0].name; names must be unique"),
+    ("images: [{name: i}, {name: j}, {name: i}]",
+     "images[2].name: 'i' is also images[0].name; names must be unique"),
+])
+def test_a_name_given_twice_is_refused_naming_both_places(extra, words):
+    base = BASE if extra.startswith(("api", "images")) else BASE.split("hosts:")[0]
+    with pytest.raises(ConfigError) as err:
+        parse(base + extra + "\n")
+    assert words in str(err.value)
+
+
 def test_api_listen_override_is_checked_like_the_file():
     cfg = parse(BASE)
     assert with_api_listen(cfg, "").api.listen == ""
