@@ -207,12 +207,8 @@ def _yaml_position(exc: Exception) -> str:
 def _check(cfg: ClusterConfig, source: str) -> None:
     if not cfg.hosts:
         raise ConfigError(f"{source}: hosts: at least one host is needed")
-    seen: dict[str, int] = {}
+    _check_unique(cfg.hosts, "hosts", source)
     for i, h in enumerate(cfg.hosts):
-        if h.name in seen:
-            raise ConfigError(f"{source}: hosts[{i}].name: {h.name!r} is also "
-                              f"hosts[{seen[h.name]}].name; names must be unique")
-        seen[h.name] = i
         if h.driver == "libvirt" and not h.instances_path:
             raise ConfigError(f"{source}: hosts[{i}].instances_path: required for the "
                               f"libvirt driver")
@@ -249,21 +245,21 @@ def _check_api(cfg: ClusterConfig, source: str) -> None:
             raise ConfigError(f"{source}: api.listen: {api.listen!r} is not a loopback "
                               f"address; with api.auth none the API listens on loopback "
                               f"only (set api.auth: keystone to serve other addresses)")
-    seen: dict[str, int] = {}
-    for i, u in enumerate(api.users):
-        if u.name in seen:
-            raise ConfigError(f"{source}: api.users[{i}].name: {u.name!r} is also "
-                              f"api.users[{seen[u.name]}].name; names must be unique")
-        seen[u.name] = i
+    _check_unique(api.users, "api.users", source)
     if api.auth == "keystone" and not api.users:
         raise ConfigError(f"{source}: api.users: at least one user is needed with "
                           f"api.auth keystone")
-    names: dict[str, int] = {}
-    for i, img in enumerate(cfg.images):
-        if img.name in names:
-            raise ConfigError(f"{source}: images[{i}].name: {img.name!r} is also "
-                              f"images[{names[img.name]}].name; names must be unique")
-        names[img.name] = i
+    _check_unique(cfg.images, "images", source)
+
+
+def _check_unique(items, path: str, source: str) -> None:
+    """Each item's `name` once in the list at `path`; else an error naming both."""
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.name in seen:
+            raise ConfigError(f"{source}: {path}[{i}].name: {item.name!r} is also "
+                              f"{path}[{seen[item.name]}].name; names must be unique")
+        seen[item.name] = i
 
 
 DEFAULT_YAML = """
