@@ -608,7 +608,7 @@ class Api:
         docs = []
         for n, m in enumerate(migs, start=1):
             if m.instance_uuid == view.instance.uuid and not m.final:
-                docs.append(_server_migration_doc(m, n, ctx.version))
+                docs.append(views.server_migration_doc(m, n, ctx.version))
         return _json({"migrations": docs})
 
     # ------------------------------------------------------------------ instance actions
@@ -856,11 +856,16 @@ SERVER_FIELDS = frozenset({
     "trusted_image_certificates"})
 
 
+def _required_object(body, key: str) -> dict:
+    """`body[key]`, an object; Nova's 400 naming `key` when it is missing or not one."""
+    if not isinstance(body, dict) or not isinstance(body.get(key), dict):
+        raise bad_request(f"Invalid input for field/attribute {key}: '{key}' is a "
+                          f"required property")
+    return body[key]
+
+
 def _server_spec(body, ctx: Ctx) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("server"), dict):
-        raise bad_request("Invalid input for field/attribute server: 'server' is a "
-                          "required property")
-    spec = body["server"]
+    spec = _required_object(body, "server")
     unexpected = sorted(set(spec) - SERVER_FIELDS)
     if unexpected:
         raise unexpected_properties(unexpected)
@@ -931,10 +936,7 @@ FLAVOR_FIELDS = frozenset({"name", "id", "ram", "vcpus", "disk", "swap", "rxtx_f
 
 
 def _flavor_spec(body, v: Version) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("flavor"), dict):
-        raise bad_request("Invalid input for field/attribute flavor: 'flavor' is a "
-                          "required property")
-    spec = body["flavor"]
+    spec = _required_object(body, "flavor")
     unexpected = sorted(set(spec) - FLAVOR_FIELDS)
     if unexpected or ("description" in spec and v < (2, 55)):
         raise unexpected_properties(unexpected or ["description"])
@@ -1002,23 +1004,6 @@ def _migration_listed(m, q) -> bool:
     if host is not None and host not in (m.source_compute, m.dest_compute):
         return False
     return True
-
-
-def _server_migration_doc(m, number: int, v: Version) -> dict:
-    doc = {"id": number, "server_uuid": m.instance_uuid, "status": m.status,
-           "source_compute": m.source_compute, "source_node": m.source_compute,
-           "dest_compute": m.dest_compute, "dest_node": m.dest_compute, "dest_host": None,
-           "created_at": views.iso_micro(m.created_at),
-           "updated_at": views.iso_micro(m.updated_at),
-           "disk_processed_bytes": 0, "disk_remaining_bytes": 0, "disk_total_bytes": 0,
-           "memory_processed_bytes": 0, "memory_remaining_bytes": 0,
-           "memory_total_bytes": 0}
-    if v >= (2, 59):
-        doc["uuid"] = m.id
-    if v >= (2, 80):
-        doc["user_id"] = None
-        doc["project_id"] = None
-    return doc
 
 
 def _action_doc(a, view, ctx: Ctx, events: bool) -> dict:

@@ -186,6 +186,24 @@ def migration_doc(mig, number: int, flavor_pk, v: Version, server_base: str) -> 
     }
     if v >= (2, 23):
         doc["migration_type"] = mig.migration_type
+    return _with_ids(doc, mig, v)
+
+
+def server_migration_doc(mig, number: int, v: Version) -> dict:
+    """A migration as servers/{id}/migrations shows it (2.22 on)."""
+    doc = {"id": number, "server_uuid": mig.instance_uuid, "status": mig.status,
+           "source_compute": mig.source_compute, "source_node": mig.source_compute,
+           "dest_compute": mig.dest_compute, "dest_node": mig.dest_compute,
+           "dest_host": None, "created_at": iso_micro(mig.created_at),
+           "updated_at": iso_micro(mig.updated_at),
+           "disk_processed_bytes": 0, "disk_remaining_bytes": 0, "disk_total_bytes": 0,
+           "memory_processed_bytes": 0, "memory_remaining_bytes": 0,
+           "memory_total_bytes": 0}
+    return _with_ids(doc, mig, v)
+
+
+def _with_ids(doc: dict, mig, v: Version) -> dict:
+    """The fields both migration documents gain with microversions 2.59 and 2.80."""
     if v >= (2, 59):
         doc["uuid"] = mig.id
     if v >= (2, 80):
