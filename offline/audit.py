@@ -11,8 +11,9 @@ from typing import Iterable
 from vmresize.events.log import LogError
 from vmresize.events.schema import Envelope
 from vmresize.events.store import host_names, open_host_logs
-from vmresize.projections.audit import (AsOf, AuditReport, TornTailNote, _report, _until,
-                                        causal_cut, check, parse_as_of)
+from vmresize.offline.spill import SqliteSpill
+from vmresize.projections.audit import (KEEP_IN_MEMORY, AsOf, AuditReport, TornTailNote,
+                                        _report, _until, causal_cut, check, parse_as_of)
 
 
 # Below this much log, starting a second process costs more than it saves.
@@ -20,13 +21,15 @@ SPLIT_MIN_BYTES = 16 * 1024 * 1024
 
 
 def audit(state_dir, as_of: str | None = None, expected_hosts: Iterable[str] | None = None,
-          processes: int | None = None) -> AuditReport:
+          processes: int | None = None, keep: int | None = KEEP_IN_MEMORY) -> AuditReport:
     """Audit a state directory with no cluster running. `as_of`: see
     `projections.audit.parse_as_of`; `expected_hosts`: the cluster's hosts, each of
     which must have a log with records in it (a cut by `as_of` never makes a log
     empty). `processes`: 1, or 2 to split the work with a helper process (see
     split_audit; a cut `as_of` runs on one); by default 2 when there are two cores and
-    enough log to gain from it. The report is the same either way. Raises ValueError
+    enough log to gain from it. `keep`: the ended migrations and deleted instances kept
+    in memory, the rest spilled to a temporary file (see offline.spill); None keeps
+    everything in memory. The report is the same either way. Raises ValueError
     (a bad `as_of` or `processes`), CorruptLog (a bad record before the tail) and
     LogError (no host logs)."""
     cut_at = parse_as_of(as_of)
@@ -40,19 +43,22 @@ def audit(state_dir, as_of: str | None = None, expected_hosts: Iterable[str] | N
             _log_bytes(state_dir) >= SPLIT_MIN_BYTES else 1
     if processes == 2 and cut_at is None:
         from vmresize.offline.split_audit import check_split
-        c, tails = check_split(state_dir, hosts)
+        c, tails = check_split(state_dir, hosts, keep=keep)
         report = _report(c, hosts, [h for h in expected_hosts or ()
                                     if h not in hosts or h not in c.p.offsets])
         report.torn_tails = [TornTailNote(*t) for t in tails]
         return report
     readers = open_host_logs(state_dir)
+    spill = None if keep is None else SqliteSpill()
     try:
         expected = [h for h in expected_hosts or () if h not in readers
                     or next(iter(readers[h].envelopes(0, 1)), None) is None]
-        report = check(_cut(readers, cut_at), expected)
+        report = check(_cut(readers, cut_at), expected, spill, keep or 0)
     finally:
         for r in readers.values():
             r.close()
+        if spill is not None:
+            spill.close()
     report.torn_tails = [TornTailNote(h, r.torn_tail.segment, r.torn_tail.offset,
                                       r.torn_tail.bytes_dropped)
                          for h, r in readers.items() if r.torn_tail is not None]

@@ -66,22 +66,30 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
 
 
 def _host_side(requests, conn, state_dir: str, hosts: list[str],
-               chunk_records: int) -> None:
+               chunk_records: int, keep: int | None) -> None:
     """Answer each request (a host's index) with that host's next chunk; None asks for
-    the ledgers (and where each allocation last changed) and the torn tails, and ends."""
+    the ledgers (and where each held allocation last changed) and the torn tails; then
+    each (host, key) request with where that allocation was released, until None."""
     from vmresize.events.store import HostLogReader, merged_chunk_bytes
+    from vmresize.offline.spill import SqliteSpill
     from vmresize.projections.audit import _Checker
     readers = []
+    spill = None if keep is None else SqliteSpill()
     try:
         readers = [HostLogReader(state_dir, h, merged_chunk_bytes(len(hosts)))
                    for h in hosts]
         conn.send(("open",))
-        checker = _Checker(instance_side=False)
+        checker = _Checker(instance_side=False, spill=spill, keep=keep or 0)
         streams = [r.records() for r in readers]
         while (i := requests.recv()) is not None:
             conn.send(("chunk", i) + _next_chunk(checker, streams[i], chunk_records))
         # each log was read to its end, which found its torn tail on the way
         conn.send(("end", checker.s.ledgers, checker.changed, [_torn(r) for r in readers]))
+        try:
+            while (asked := requests.recv()) is not None:
+                conn.send(("released", checker.released(*asked)))
+        except EOFError:        # this side stopped early (its own error says why)
+            pass
     except CorruptLog as exc:
         conn.send(("corrupt", exc.path, exc.offset, exc.reason))
     except LogError as exc:
@@ -89,6 +97,8 @@ def _host_side(requests, conn, state_dir: str, hosts: list[str],
     finally:
         for r in readers:
             r.close()
+        if spill is not None:
+            spill.close()
 
 
 def _torn(reader):
@@ -158,16 +168,20 @@ class _Chunks:
                 return
 
 
-def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | None = None):
+def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | None = None,
+                keep: int | None = None):
     """`check` of the logs of `hosts` in `state_dir` on this process and a helper;
     returns the checker after `finish` and the torn tails as (host, segment, offset,
-    bytes dropped)."""
+    bytes dropped). `keep`: as `offline.audit.audit`'s, on both processes."""
+    from vmresize.offline.spill import SqliteSpill
     from vmresize.projections.audit import _Checker
     from vmresize.projections.fold import merge_logs
     helper, requests, conn = _start_helper()
+    spill = None if keep is None else SqliteSpill()
     try:
-        requests.send((str(state_dir), hosts, chunk_records or chunk_records_for(len(hosts))))
-        checker = _Checker(host_side=False)
+        requests.send((str(state_dir), hosts, chunk_records or chunk_records_for(len(hosts)),
+                       keep))
+        checker = _Checker(host_side=False, spill=spill, keep=keep or 0)
         chunks = _Chunks(requests, conn, hosts, checker)
         chunks.expect("open")
         for env in merge_logs({h: chunks.stream(i) for i, h in enumerate(hosts)}):
@@ -176,10 +190,19 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
         _, ledgers, changed, torn = chunks.expect("end")
         checker.s.ledgers.update(ledgers)
         checker.changed.update(changed)
+
+        def released(host: str, key: str) -> int | None:      # the helper has them
+            requests.send((host, key))
+            return chunks.expect("released")[1]
+
+        checker.released = released
         checker.finish()
+        requests.send(None)
         tails = [(h,) + t for h, t in zip(hosts, torn) if t is not None]
         return checker, tails
     finally:
+        if spill is not None:
+            spill.close()
         requests.close()
         conn.close()
         try:

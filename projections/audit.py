@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import datetime
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Protocol
 
 import msgspec
 
 from vmresize.events import schema as ev
 from vmresize.events.schema import Envelope, Resources
 from vmresize.projections.fold import (_INSTANCE_EVENTS, _LEDGER_EVENTS, _MIGRATION_EVENTS,
-                                       FoldState, MigrationRecord, merge_logs)
-from vmresize.projections.state import claim_key, instance_key, source_key
+                                       FoldState, InstanceRecord, MigrationRecord, _thaw,
+                                       _view, merge_logs)
+from vmresize.projections.state import (Instance, Migration, claim_key, instance_key,
+                                        migration_final, source_key)
 from vmresize.protocol.states import MigrationStatus as MS
 from vmresize.protocol.table import TRANSITIONS
 
@@ -91,6 +93,66 @@ class _Where(msgspec.Struct):
     offset: int
 
 
+# --------------------------------------------------------------------------- spill
+#
+# What a checker keeps grows with history unless it lets go of what has ended: ended
+# migrations, deleted instances and released allocations. Their end-state checks need
+# them at the end all the same, so a checker given a `Spill` moves each of them there
+# once `keep` newer ones have ended (and takes one back if a record names it again);
+# the report is the same either way. The spill is the caller's I/O (the offline audit
+# puts it in a temporary SQLite file); this module keeps none.
+
+class EndedMigration(msgspec.Struct, array_like=True):
+    migration: Migration
+    last: tuple[str, int]           # its last record (where end-state findings point)
+
+
+class DeletedInstance(msgspec.Struct, array_like=True):
+    instance: Instance
+    version: int                    # its version chain: the last version and
+    recent: list[tuple[str, int]]   # where the last VERSION_WINDOW versions were written
+
+
+MIGRATION, INSTANCE, RELEASED = "migration", "instance", "released"
+# what each kind of spilled value is (a released allocation: the offset that released it)
+SPILLED = {MIGRATION: EndedMigration, INSTANCE: DeletedInstance, RELEASED: int}
+KEEP_IN_MEMORY = 128        # ended migrations and deleted instances a spilling checker keeps
+
+
+class Spill(Protocol):
+    def put(self, kind: str, key: str, value) -> None: ...
+    def get(self, kind: str, key: str): ...          # None: not there
+    def take(self, kind: str, key: str): ...         # get, and remove
+    def values(self, kind: str) -> Iterable: ...
+    def count(self, kind: str) -> int: ...
+
+
+class MemorySpill:
+    """A `Spill` in dictionaries: the same report, nothing saved; for tests."""
+
+    def __init__(self):
+        self.kinds: dict[str, dict] = {kind: {} for kind in SPILLED}
+
+    def put(self, kind, key, value):
+        self.kinds[kind][key] = value
+
+    def get(self, kind, key):
+        return self.kinds[kind].get(key)
+
+    def take(self, kind, key):
+        return self.kinds[kind].pop(key, None)
+
+    def values(self, kind):
+        return list(self.kinds[kind].values())
+
+    def count(self, kind):
+        return len(self.kinds[kind])
+
+
+def released_key(host: str, key: str) -> str:
+    return f"{host}\0{key}"
+
+
 _SPAWN_STARTED, _SPAWN_FAILED, _DELETED = ev.SpawnStarted, ev.SpawnFailed, ev.Deleted
 _MAY_BE_FINAL = frozenset({MS.CONFIRMED, MS.REVERTED, MS.ERROR})   # see Migration.final
 
@@ -106,7 +168,8 @@ class _Checker:
 
     def __init__(self, host_side: bool = True, instance_side: bool = True,
                  end_state: bool = True, keep_ended: int | None = None,
-                 on_forget: Callable[[MigrationRecord], None] | None = None):
+                 on_forget: Callable[[MigrationRecord], None] | None = None,
+                 spill: Spill | None = None, keep: int = KEEP_IN_MEMORY):
         self.s = FoldState()
         self.host_side = host_side
         self.instance_side = instance_side
@@ -121,6 +184,17 @@ class _Checker:
                              f"{keep_ended!r} with end_state={end_state}")
         self.keep_ended = keep_ended
         self.on_forget = on_forget
+        # With a spill, what has ended goes there once `keep` newer ones have (see Spill)
+        if spill is not None and (not end_state or keep < 0):
+            raise ValueError(f"spill: needs end_state=True and keep >= 0, got keep={keep!r}"
+                             f" with end_state={end_state}")
+        self.spill = spill
+        self.keep = keep
+        self.spilled = {kind: 0 for kind in SPILLED}      # how many of each are there
+        self.ended_window: dict[str, None] = {}           # ended migrations, oldest first
+        self.deleted_window: dict[str, None] = {}         # deleted instances, oldest first
+        # where a released allocation was released, for the end-state checks
+        self.released: Callable[[str, str], int | None] = self._released_in_spill
         self.ended: dict[str, None] = {}                 # ended migrations, oldest first
         self.violations: list[Violation] = []
         self.host_findings: dict[tuple[str, int], list[Violation]] = {}
@@ -147,6 +221,8 @@ class _Checker:
         t = type(e)
         mid = ""
         if self.instance_side and t in _INSTANCE_EVENTS:
+            if self.spill is not None and (self.spilled[INSTANCE] or self.spilled[MIGRATION]):
+                self._take_back(e, t)
             self._check_version(env, e)
             if t in _MIGRATION_EVENTS:
                 mid = e.migration_id
@@ -164,11 +240,15 @@ class _Checker:
             self._check_transition(env, before is not None, old, was_final, after)
             if self.end_state:
                 self.mig_last[mid] = (env.host, env.offset)
+                if self.spill is not None:
+                    self._note_ended(mid, after)
             elif self.keep_ended is not None and after is not None and after.final:
                 self._forget_ended(mid)
         if self.end_state:
             if t is _SPAWN_FAILED or t is _DELETED:
                 self.no_alloc.add(e.instance_uuid)
+                if t is _DELETED and self.spill is not None and self.instance_side:
+                    self._note_deleted(e.instance_uuid)
             elif t is _SPAWN_STARTED:
                 self.no_alloc.discard(e.instance_uuid)
         if t in _LEDGER_EVENTS:
@@ -194,8 +274,94 @@ class _Checker:
         self.s.apply(env, True, self.instance_side)
         allocations = self.s.ledgers[env.host].allocations
         for key, was in zip(keys, held):
-            if allocations.get(key) != was:
-                self.changed[(env.host, key)] = env.offset
+            now = allocations.get(key)
+            if now != was:
+                if now is None and self.spill is not None:     # released: spilled
+                    self.changed.pop((env.host, key), None)
+                    self.spill.put(RELEASED, released_key(env.host, key), env.offset)
+                else:
+                    self.changed[(env.host, key)] = env.offset
+
+    # ------------------------------------------------------------------ spilling
+
+    def _note_ended(self, mid: str, mig) -> None:
+        """Keep the ended-migration window in order; spill the oldest past `keep`."""
+        window = self.ended_window
+        window.pop(mid, None)
+        if mig is None or not mig.final:
+            return
+        window[mid] = None
+        while len(window) > self.keep:
+            old = next(iter(window))
+            del window[old]
+            record = self.s.migrations.pop(old)
+            self.spill.put(MIGRATION, old, EndedMigration(_view(record),
+                                                          self.mig_last.pop(old)))
+            self.spilled[MIGRATION] += 1
+
+    def _note_deleted(self, uuid: str) -> None:
+        """Keep the deleted-instance window in order; spill the oldest past `keep`, unless
+        it has come back or its migration is open (whose end-state checks need it here)."""
+        window = self.deleted_window
+        window.pop(uuid, None)
+        window[uuid] = None
+        while len(window) > self.keep:
+            old = next(iter(window))
+            del window[old]
+            inst = self.s.instances.get(old)
+            if inst is None or not inst.deleted:
+                continue
+            mig = self.s.migrations.get(inst.migration_id)
+            if mig is not None and not mig.final:
+                continue
+            chain = self.versions.pop(old, None) or _Chain()
+            # a deleted instance holds nothing whatever `no_alloc` says: not kept
+            self.spill.put(INSTANCE, old, DeletedInstance(
+                _view(self.s.instances.pop(old)), chain.last, list(chain.recent)))
+            self.no_alloc.discard(old)
+            self.spilled[INSTANCE] += 1
+
+    def _take_back(self, e, t) -> None:
+        """A record names a spilled instance or migration: back into memory with it."""
+        uuid = e.instance_uuid
+        if uuid not in self.s.instances and self.spilled[INSTANCE]:
+            d = self.spill.take(INSTANCE, uuid)
+            if d is not None:
+                self.spilled[INSTANCE] -= 1
+                self.s.instances[uuid] = _thaw(InstanceRecord, d.instance)
+                chain = self.versions[uuid] = _Chain()
+                chain.last = d.version
+                chain.recent.extend(tuple(w) for w in d.recent)
+                self.deleted_window.pop(uuid, None)
+        if t in _MIGRATION_EVENTS and self.spilled[MIGRATION]:
+            mid = e.migration_id
+            if mid and mid not in self.s.migrations:
+                d = self.spill.take(MIGRATION, mid)
+                if d is not None:
+                    self.spilled[MIGRATION] -= 1
+                    self.s.migrations[mid] = _thaw(MigrationRecord, d.migration)
+                    self.mig_last[mid] = tuple(d.last)
+
+    def _migration(self, mid: str):
+        """An ended or open migration and where its last record is, from memory or the
+        spill; (None, None) if there is none."""
+        mig = self.s.migrations.get(mid)
+        if mig is not None:
+            return mig, self.mig_last.get(mid)
+        if self.spill is not None and self.spilled[MIGRATION]:
+            d = self.spill.get(MIGRATION, mid)
+            if d is not None:
+                return d.migration, tuple(d.last)
+        return None, None
+
+    def _released_in_spill(self, host: str, key: str) -> int | None:
+        return None if self.spill is None else self.spill.get(RELEASED,
+                                                              released_key(host, key))
+
+    def count(self, kind: str) -> int:
+        """Instances or migrations seen, in memory and spilled."""
+        held = self.s.instances if kind == INSTANCE else self.s.migrations
+        return len(held) + self.spilled[kind]
 
     def _check_version(self, env: Envelope, e: ev.InstanceEvent) -> None:
         uuid, v = e.instance_uuid, e.instance_version
@@ -250,45 +416,72 @@ class _Checker:
         self._check_dirs()
         self._check_ledger_from_instances()
 
+    def _flag_sorted(self, findings: list[tuple[int, str, _Where]]) -> None:
+        """End-state findings in one order whatever was spilled: by host and offset."""
+        for n, message, where in sorted(findings, key=lambda f: (f[2].host, f[2].offset,
+                                                                 f[1])):
+            self.flag(n, message, where)
+
     def _check_leaks(self) -> None:
+        findings = []
         holders: dict[str, list[str]] = {}
         for host, ledger in self.p.ledgers.items():
             for key in ledger.allocations:
                 if key.startswith("m:"):
                     mid = key[2:].rsplit(":", 1)[0]
-                    mig = self.p.migrations.get(mid)
-                    if mig is not None and mig.final:
-                        self.flag(4, f"migration {mid} ended {mig.status} but {host} "
-                              f"still holds {key}", _Where(*self.mig_last[mid]))
+                    mig, last = self._migration(mid)
+                    if mig is not None and migration_final(mig):
+                        findings.append((4, f"migration {mid} ended {mig.status} but {host} "
+                                         f"still holds {key}", _Where(*last)))
                 elif key.startswith("i:"):
                     holders.setdefault(key[2:], []).append(host)
-        for uuid, inst in self.p.instances.items():
-            mig = self.p.migrations.get(inst.migration_id)
-            if mig is not None and not mig.final:
+        instances = list(self.p.instances.items())
+        if self.spilled[INSTANCE]:     # a spilled (deleted) instance matters if held
+            for uuid in holders:
+                if uuid not in self.p.instances:
+                    d = self.spill.get(INSTANCE, uuid)
+                    if d is not None:
+                        instances.append((uuid, d.instance))
+        for uuid, inst in instances:
+            mig, last = self._migration(inst.migration_id)
+            if mig is not None and not migration_final(mig):
                 continue
             want = 0 if (inst.deleted or uuid in self.no_alloc) else 1
             got = holders.get(uuid, [])
             if len(got) != want:
-                last = self.mig_last.get(inst.migration_id)
                 where = _Where(*last) if last else self._last_of(uuid)
-                self.flag(4, f"instance {uuid} ({inst.name}) should be held by {want} "
-                          f"host(s), is held by {got or 'none'}", where)
+                findings.append((4, f"instance {uuid} ({inst.name}) should be held by "
+                                 f"{want} host(s), is held by {got or 'none'}", where))
+        self._flag_sorted(findings)
 
     def _last_of(self, uuid: str) -> _Where:
         chain = self.versions.get(uuid)
+        if chain is None and self.spilled[INSTANCE]:
+            d = self.spill.get(INSTANCE, uuid)
+            if d is not None and d.recent:
+                return _Where(*d.recent[-1])
         return _Where(*chain.recent[-1]) if chain and chain.recent else _Where("", 0)
 
     def _check_dirs(self) -> None:
-        for mid, mig in self.p.migrations.items():
-            if not mig.final:
-                continue
+        findings = []
+        for mid, mig, last in self._ended_migrations():
             if mig.resize_dir:
-                self.flag(5, f"migration {mid} ended {mig.status} leaving "
-                          f"{mig.instance_uuid}_resize on {mig.source_compute}",
-                          _Where(*self.mig_last[mid]))
+                findings.append((5, f"migration {mid} ended {mig.status} leaving "
+                                 f"{mig.instance_uuid}_resize on {mig.source_compute}",
+                                 _Where(*last)))
             if mig.dest_copy and not _kept_on_dest(mig):
-                self.flag(5, f"migration {mid} ended {mig.status} leaving the disk "
-                          f"copy on {mig.dest_compute}", _Where(*self.mig_last[mid]))
+                findings.append((5, f"migration {mid} ended {mig.status} leaving the disk "
+                                 f"copy on {mig.dest_compute}", _Where(*last)))
+        self._flag_sorted(findings)
+
+    def _ended_migrations(self) -> Iterator[tuple[str, object, tuple[str, int]]]:
+        """Every ended migration and where its last record is: memory's, then spilled."""
+        for mid, mig in self.p.migrations.items():
+            if mig.final:
+                yield mid, mig, self.mig_last[mid]
+        if self.spilled[MIGRATION]:
+            for d in self.spill.values(MIGRATION):
+                yield d.migration.id, d.migration, tuple(d.last)
 
     def _check_ledger_from_instances(self) -> None:
         expected = _expected_allocations(self.p, self.no_alloc)
@@ -299,7 +492,11 @@ class _Checker:
             for key in sorted(set(want) | set(ledger.allocations)):
                 if want.get(key) != ledger.allocations.get(key):
                     # at the record that last changed the key there, else the last one
-                    offset = self.changed.get((host, key), self.p.offsets.get(host, 1) - 1)
+                    offset = self.changed.get((host, key))
+                    if offset is None:
+                        offset = self.released(host, key)
+                    if offset is None:
+                        offset = self.p.offsets.get(host, 1) - 1
                     self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
                               f" by claim events, {_res(want.get(key))} by instances",
                               _Where(host, offset))
@@ -374,11 +571,12 @@ def _hold_until_released(hold, mig) -> None:
         hold(mig.source_compute, source_key(mig.id), mig.old_resources)
 
 
-def check(logs: dict[str, Iterable[Envelope]],
-          expected_hosts: Iterable[str] = ()) -> AuditReport:
+def check(logs: dict[str, Iterable[Envelope]], expected_hosts: Iterable[str] = (),
+          spill: Spill | None = None, keep: int = KEEP_IN_MEMORY) -> AuditReport:
     """Check the six invariants over `logs`; each host of `expected_hosts` (the hosts of
-    the cluster) that has no log here, or an empty one, is a violation too."""
-    c = _Checker()
+    the cluster) that has no log here, or an empty one, is a violation too. With a
+    `spill`, what has ended goes there past the last `keep` (the same report)."""
+    c = _Checker(spill=spill, keep=keep)
     for env in merge_logs(logs):
         c.feed(env)
     c.finish()
@@ -393,8 +591,8 @@ def _report(c: _Checker, hosts: list[str], expected_hosts: Iterable[str]) -> Aud
                                           f"has {what}", host, 0))
     p = c.p
     return AuditReport(ok=not c.violations, violations=c.violations, events=p.events,
-                       hosts=len(hosts), instances=len(p.instances),
-                       migrations=len(p.migrations),
+                       hosts=len(hosts), instances=c.count(INSTANCE),
+                       migrations=c.count(MIGRATION),
                        open_migrations=sum(not m.final for m in p.migrations.values()),
                        records={h: p.offsets.get(h, 0) for h in hosts})
 

@@ -20,6 +20,8 @@ from vmresize.events.log import CorruptLog, LogError, SegmentLog
 from vmresize.events.schema import Resources
 from vmresize.offline import audit
 from vmresize.projections import check
+from vmresize.projections.audit import (INSTANCE, MIGRATION, RELEASED, MemorySpill,
+                                        _Checker, merge_logs)
 
 fold_module = importlib.import_module("vmresize.projections.fold")   # the package's
 # `fold` attribute is the function, which shadows the module of the same name
@@ -29,8 +31,16 @@ U, M = "u", "m"
 
 def violations(h: History, invariant: str | None = None):
     report = check(h.logs)
+    same_when_everything_ended_is_spilled(h.logs, report)
     found = [v for v in report.violations if invariant is None or v.invariant == invariant]
     return report, found
+
+
+def same_when_everything_ended_is_spilled(logs, report) -> None:
+    """A checker that spills each ended migration, deleted instance and released
+    allocation as soon as it can reports exactly what one that keeps them does."""
+    spilled = check(logs, spill=MemorySpill(), keep=0)
+    assert msgspec.json.encode(spilled) == msgspec.json.encode(report)
 
 
 def resized(old=TINY, new=SMALL) -> History:
@@ -871,12 +881,16 @@ def _write_state(state_dir, logs) -> None:
 
 
 def _same_on_two_processes(state_dir, chunk_records: int = 3):
-    one = audit(state_dir, processes=1)
+    """...and the same whether what ended is kept in memory or spilled at once."""
+    one = audit(state_dir, processes=1, keep=None)
+    others = [audit(state_dir, processes=1, keep=0)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(split_module, "CHUNK_RECORDS", chunk_records)   # many chunks
-        two = audit(state_dir, processes=2)
-    assert two.violations == one.violations
-    assert msgspec.msgpack.encode(two) == msgspec.msgpack.encode(one)
+        others += [audit(state_dir, processes=2, keep=None),
+                   audit(state_dir, processes=2, keep=0)]
+    for other in others:
+        assert other.violations == one.violations
+        assert msgspec.msgpack.encode(other) == msgspec.msgpack.encode(one)
     return one
 
 
@@ -969,3 +983,118 @@ def test_a_split_audit_of_many_logs_keeps_few_records_of_each_in_flight():
     assert split_module.chunk_records_for(1) == split_module.MERGED_RECORDS
     assert split_module.chunk_records_for(100) * 100 <= split_module.MERGED_RECORDS
     assert split_module.chunk_records_for(100_000) == 16
+
+
+# --------------------------------------------------------------------------- spilling
+#
+# `audit` keeps the last KEEP_IN_MEMORY ended migrations and deleted instances in memory
+# and spills the rest (and every released allocation) to a temporary file, so that its
+# memory follows live state, not history. Every test above checks its history both ways
+# (`violations`); these make sure each kind is spilled, and found there at the end.
+
+def test_a_deleted_instance_still_held_is_found_in_the_spill():
+    # Given u deleted by the wrong host: a still holds it, and u is spilled at once
+    h = History()
+    h.boot("a", U, TINY)
+    h.boot("a", "u2", TINY)
+    gone = h.inst("b", ev.Deleted, U)
+    spill = MemorySpill()
+    report = check(h.logs, spill=spill, keep=0)
+    assert spill.count(INSTANCE) == 1 and spill.count(RELEASED) == 0
+    found = [v for v in report.violations if v.invariant == "no-leak"]
+    assert [(v.host, v.offset) for v in found] == [("b", gone.offset)]
+    assert "should be held by 0 host(s), is held by ['a']" in found[0].message
+    assert report == check(h.logs) and report.instances == 2
+
+
+def test_a_record_of_a_spilled_instance_takes_it_back_with_its_version_chain():
+    h = History()
+    h.boot("a", U, TINY)
+    h.inst("a", ev.Deleted, U)
+    h.inst("a", ev.PoweredOn, U)          # its next version: no gap
+    spill = MemorySpill()
+    checker = _Checker(spill=spill, keep=0)
+    for env in merge_logs(h.logs):
+        checker.feed(env)
+        if type(env.event) is ev.Deleted:
+            assert spill.count(INSTANCE) == 1 and U not in checker.p.instances
+    assert spill.count(INSTANCE) == 0 and checker.versions[U].last == h.versions[U]
+    assert checker.violations == []
+    gap = h.add("b", ev.PoweredOff(instance_uuid=U, instance_version=9))
+    assert [(v.invariant, v.host, v.offset) for v in check(h.logs).violations] == [
+        ("version-chain", "b", gap.offset)]
+    assert check(h.logs, spill=MemorySpill(), keep=0) == check(h.logs)
+
+
+def test_an_ended_migration_and_its_released_claims_are_found_in_the_spill():
+    # Given M ended, but its destination's release written by the wrong host; then m2
+    h = resized(old=SMALL, new=TINY)
+    claim = h.claim(M)
+    h.fail(M, "resize_instance")
+    last = h.release(M, "dest", host="a")
+    h.resize("m2", U, "a", "b", SMALL, SMALL)
+    h.full_resize("m2")
+    h.confirm("m2")
+    spill = MemorySpill()
+    report = check(h.logs, spill=spill, keep=1)
+    assert spill.count(MIGRATION) == 1 and spill.get(MIGRATION, M) is not None
+    assert spill.count(RELEASED) >= 1
+    assert [(v.invariant, v.host, v.offset) for v in report.violations] == [
+        ("no-leak", "a", last.offset), ("ledger-matches", "b", claim.offset)]
+    assert report == check(h.logs) and report.migrations == 2
+
+
+def test_a_deleted_instance_with_an_open_migration_is_not_spilled():
+    # Given u deleted while b still holds M's claim: what b should hold depends on u
+    h = resized()
+    h.claim(M)
+    h.inst("a", ev.Deleted, U)
+    report, _ = violations(h)           # the same with everything spilled it can be
+    spill = MemorySpill()
+    check(h.logs, spill=spill, keep=0)
+    assert spill.count(INSTANCE) == 0
+    assert [(v.invariant, v.host) for v in report.violations] == [("ledger-matches", "b")]
+
+
+def test_the_offline_audit_spills_to_a_temporary_file_and_reports_the_same(tmp_path):
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    h.resize("m2", U, "b", "a", SMALL, TINY)
+    h.full_resize("m2")
+    h.revert_dest("m2")
+    h.finish_revert("m2")
+    h.inst("b", ev.Deleted, U)
+    s.write_state_dir(h.logs, tmp_path)
+    for processes in (1, 2):
+        assert audit(tmp_path, processes=processes, keep=0) == audit(
+            tmp_path, processes=processes, keep=None) == check(h.logs)
+
+
+@pytest.mark.parametrize("kind_of_spill, batch", [("memory", 0), ("sqlite", 1),
+                                                  ("sqlite", 5), ("sqlite", 1000)])
+def test_a_spill_gives_back_what_was_put_whether_written_yet_or_not(kind_of_spill, batch,
+                                                                      monkeypatch):
+    from vmresize.offline import spill as spill_module
+    monkeypatch.setattr(spill_module, "BATCH", batch)   # all, some or none written yet
+    spill = MemorySpill() if kind_of_spill == "memory" else spill_module.SqliteSpill()
+    h = resized()
+    h.claim(M)
+    view = fold_module.fold(h.merged())
+    mig, inst = view.migrations[M], view.instances[U]
+    from vmresize.projections.audit import DeletedInstance, EndedMigration
+    for i in range(5):
+        spill.put(MIGRATION, f"m{i}", EndedMigration(mig, ("a", i)))
+        spill.put(RELEASED, f"a\0m:m{i}:new", i)
+    spill.put(INSTANCE, U, DeletedInstance(inst, 3, [("a", 0), ("b", 2)]))
+    spill.put(RELEASED, "a\0m:m0:new", 7)                # replaced
+    assert spill.get(MIGRATION, "m3") == EndedMigration(mig, ("a", 3))
+    assert spill.get(RELEASED, "a\0m:m0:new") == 7 and spill.get(RELEASED, "nope") is None
+    assert spill.take(MIGRATION, "m1").last == ("a", 1)
+    assert spill.take(MIGRATION, "m4").last == ("a", 4)
+    assert spill.take(MIGRATION, "m4") is None and spill.get(MIGRATION, "m1") is None
+    assert sorted(d.last[1] for d in spill.values(MIGRATION)) == [0, 2, 3]
+    assert spill.count(MIGRATION) == 3 and spill.count(RELEASED) == 5
+    assert spill.get(INSTANCE, U).recent == [("a", 0), ("b", 2)]
+    if kind_of_spill == "sqlite":
+        spill.close()

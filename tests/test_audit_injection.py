@@ -119,10 +119,14 @@ def copy_of(event, **changes):
 # --------------------------------------------------------------------------- reading histories
 
 def audited(logs: Logs, **kw):
-    """The auditor's report on these logs, written as a state directory and read back."""
+    """The auditor's report on these logs, written as a state directory and read back;
+    the same whether what has ended stays in memory or is spilled as soon as it can."""
     with tempfile.TemporaryDirectory() as tmp:
         s.write_state_dir(logs, tmp)
-        return audit(tmp, **kw)
+        report = audit(tmp, keep=None, **kw)
+        spilled = audit(tmp, keep=0, **kw)
+    assert msgspec.msgpack.encode(spilled) == msgspec.msgpack.encode(report)
+    return report
 
 
 def found(report, invariant: str) -> list[tuple[str, int]]:
