@@ -251,6 +251,8 @@ class _Checker:
                     self._note_deleted(e.instance_uuid)
             elif t is _SPAWN_STARTED:
                 self.no_alloc.discard(e.instance_uuid)
+        elif t is _DELETED and self.keep_ended is not None and self.instance_side:
+            self._forget_deleted(e.instance_uuid)
         if t in _LEDGER_EVENTS:
             if self.host_side:
                 self._check_capacity(env)
@@ -266,6 +268,18 @@ class _Checker:
             del ended[gone.id]
             if self.on_forget is not None:
                 self.on_forget(gone)
+
+    def _forget_deleted(self, uuid: str) -> None:
+        """Without end-state checks, the last `keep_ended` deleted instances are kept (a
+        record of one forgotten starts its version chain anew: a gap)."""
+        deleted = self.deleted_window
+        deleted.pop(uuid, None)
+        deleted[uuid] = None
+        while len(deleted) > self.keep_ended:
+            old = next(iter(deleted))
+            del deleted[old]
+            self.s.instances.pop(old, None)
+            self.versions.pop(old, None)
 
     def _apply_noting_changes(self, env: Envelope, keys: tuple[str, ...]) -> None:
         """apply, and note which of `keys` the record changed in its host's ledger."""

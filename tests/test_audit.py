@@ -91,6 +91,19 @@ def test_a_checker_without_end_state_keeps_a_window_of_ended_migrations():
         _Checker(keep_ended=1)      # the end-state checks need every migration
 
 
+def test_a_checker_without_end_state_keeps_a_window_of_deleted_instances():
+    from vmresize.projections.audit import _Checker, merge_logs
+    h = History()
+    for uuid in ("u1", "u2", "u3"):
+        h.boot("a", uuid, TINY)
+        h.inst("a", ev.Deleted, uuid)
+    c = _Checker(end_state=False, keep_ended=2)
+    for env in merge_logs(h.logs):
+        c.feed(env)
+    assert set(c.p.instances) == set(c.versions) == {"u2", "u3"}
+    assert c.violations == []
+
+
 @settings(max_examples=25, deadline=None)
 @given(h=s.hand_histories())
 def test_every_hand_built_protocol_path_passes(h):
