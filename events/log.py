@@ -54,6 +54,8 @@ from vmresize.events.disk import OS_DISK, Disk
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024     # a longer length field is garbage, not a record
 SEGMENT_BYTES_DEFAULT = 64 * 1024 * 1024
+MARK_EVERY = 256        # records between two marks of where a record starts (see read)
+NEAR_READ_BYTES = 64 * 1024     # what a read of a few records from a mark asks for at once
 SNAPSHOTS_KEPT = 3
 LOCK_NAME = "lock"
 
@@ -473,6 +475,11 @@ class SegmentLog:
         self._fd = None
         self._seg_first = 0
         self._seg_size = 0                # where the segment's records end
+        # Where some records of the last segment start, (offset, byte position), one
+        # every MARK_EVERY records or more: a read from offset N starts at the last mark
+        # at or before N, not at the segment's first byte. (segment, marks): replaced
+        # whole when the segment rolls over, so a reader sees the two together.
+        self._marks: tuple[int, list[tuple[int, int]]] = (0, [])
         self._seg_alloc = 0               # its file's size: zeros from _seg_size on
         self._open = _Batch(0)            # where appends go
         self._inflight: _Batch | None = None
@@ -546,6 +553,7 @@ class SegmentLog:
             disk.truncate(self._fd, cursor.pos)
             disk.fsync(self._fd)          # the truncation must stick before we append
         self._seg_first, self._seg_size = cursor.first, cursor.pos
+        self._marks = (cursor.first, [])
         self._seg_alloc = disk.size(self._fd)   # recovery read zeros from `pos` on
         self._flushed = cursor.offset
         self._open = _Batch(cursor.offset)
@@ -785,6 +793,9 @@ class SegmentLog:
             return self._stop("write", exc)
         self._seg_size = end
         self._seg_alloc = max(self._seg_alloc, end)
+        marks = self._marks[1]
+        if batch.first - (marks[-1][0] if marks else self._seg_first) >= MARK_EVERY:
+            marks.append((batch.first, start))      # a batch starts at a record
         if sync:
             try:
                 disk.fsync(self._fd)
@@ -868,6 +879,7 @@ class SegmentLog:
             return self._stop("fsync of the log directory", exc)
         disk.close(self._fd)
         self._fd, self._seg_first, self._seg_size, self._seg_alloc = fd, first, 0, 0
+        self._marks = (first, [])
         return None
 
     # -- reading
@@ -879,15 +891,22 @@ class SegmentLog:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         ends = {}
-        if stop is None and not self.readonly:
-            stop = self._flushed
+        if not self.readonly:
             ends[self._seg_first] = self._seg_size   # racy with a roll-over: a hint
-            if start >= stop:
-                return
+            if stop is None:
+                stop = self._flushed
+                if start >= stop:
+                    return
         cursor = _Cursor.at(self.disk, self.directory, start, self._read_chunk)
         if cursor is None:
             return
         cursor.ends = ends
+        segment, marks = self._marks
+        if cursor.first == segment and marks and start >= marks[0][0]:
+            cursor.offset, cursor.pos = marks[bisect.bisect_right(marks, (start, 1 << 63))
+                                              - 1]
+            if stop is not None and stop - start <= MARK_EVERY:
+                cursor.chunk_bytes = min(cursor.chunk_bytes, NEAR_READ_BYTES)
         expected = start
         for offset, payload in cursor.records(stop):
             if offset >= start:

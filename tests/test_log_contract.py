@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmresize.events import log as log_module
 from vmresize.events.disk import OsDisk, SimDisk
 from vmresize.events.log import (LOCK_NAME, CorruptLog, DiskFull, LogError, LogFailed,
                                  MemoryLog, SegmentLog, TornTail, load_snapshot,
@@ -490,6 +491,35 @@ def test_the_writer_reads_its_records_and_not_the_zeros_after_them(tmp_path):
             disk.read_bytes = 0
             assert [p for _, p in log.read(start)] == items[start:]
             assert disk.read_bytes <= records_end, (start, disk.read_bytes)
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_a_read_of_a_few_records_starts_near_them_not_at_the_segment_start(
+        tmp_path, monkeypatch, reopen):
+    """A host answers a repeated command from the records it wrote: reading them must
+    cost about those records, however long the segment has grown (and across a
+    segment's roll-over, and after the log is opened again)."""
+    monkeypatch.setattr(log_module, "MARK_EVERY", 8)
+    disk = ReadCountingDisk()
+    items = [payload("record", i) * 8 for i in range(3000)]      # ~100 bytes each
+    segment_bytes = 200_000                                       # rolls over once
+    log = SegmentLog(tmp_path / "log", disk=disk, segment_bytes=segment_bytes)
+    for i in range(0, 1500, 3):
+        log.append(items[i:i + 3])
+    if reopen:
+        log.close()
+        log = SegmentLog(tmp_path / "log", disk=disk, segment_bytes=segment_bytes)
+    for i in range(1500, 3000, 3):
+        log.append(items[i:i + 3])
+    with log:
+        assert len(list(log_module._segments(disk, tmp_path / "log"))) == 2
+        for start in (0, 7, 8, 1499, 1500, 1501, 2000, 2999):
+            disk.read_bytes = 0
+            assert [p for _, p in log.read(start, start + 1)] == [items[start]]
+            if start >= 2200:       # marks in the last segment
+                assert disk.read_bytes < 3_000, (start, disk.read_bytes)
+        assert [p for _, p in log.read(1490, 2910)] == items[1490:2910]
+        assert [p for _, p in log.read(2995)] == items[2995:]
 
 
 def record_positions_before_zeros(segment: Path) -> list[tuple[int, int]]:
