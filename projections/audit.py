@@ -77,7 +77,7 @@ class AuditReport(msgspec.Struct):
     records: dict[str, int] = {}      # records read from each host's log
 
 
-VERSION_WINDOW = 64     # memory per instance stays bounded whatever its history
+VERSION_WINDOW = 16     # memory per instance stays bounded whatever its history
 
 
 class _Chain:
@@ -169,7 +169,8 @@ class _Checker:
     def __init__(self, host_side: bool = True, instance_side: bool = True,
                  end_state: bool = True, keep_ended: int | None = None,
                  on_forget: Callable[[MigrationRecord], None] | None = None,
-                 spill: Spill | None = None, keep: int = KEEP_IN_MEMORY):
+                 spill: Spill | None = None, keep: int = KEEP_IN_MEMORY,
+                 keep_deleted: int | None = None):
         self.s = FoldState()
         self.host_side = host_side
         self.instance_side = instance_side
@@ -183,6 +184,8 @@ class _Checker:
             raise ValueError(f"keep_ended: needs end_state=False and a count >= 0, got "
                              f"{keep_ended!r} with end_state={end_state}")
         self.keep_ended = keep_ended
+        # ... and of deleted instances the last `keep_deleted` (default: keep_ended)
+        self.keep_deleted = keep_ended if keep_deleted is None else keep_deleted
         self.on_forget = on_forget
         # With a spill, what has ended goes there once `keep` newer ones have (see Spill)
         if spill is not None and (not end_state or keep < 0):
@@ -270,12 +273,12 @@ class _Checker:
                 self.on_forget(gone)
 
     def _forget_deleted(self, uuid: str) -> None:
-        """Without end-state checks, the last `keep_ended` deleted instances are kept (a
+        """Without end-state checks, the last `keep_deleted` deleted instances are kept (a
         record of one forgotten starts its version chain anew: a gap)."""
         deleted = self.deleted_window
         deleted.pop(uuid, None)
         deleted[uuid] = None
-        while len(deleted) > self.keep_ended:
+        while len(deleted) > self.keep_deleted:
             old = next(iter(deleted))
             del deleted[old]
             self.s.instances.pop(old, None)

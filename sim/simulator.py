@@ -89,6 +89,7 @@ VIRTUAL_LIMIT_S = 2 * HEAL_S    # a whole run, plus this per operation: stuck be
 VIRTUAL_S_PER_OPERATION = 10.0
 HISTORY = 1000              # lines of `Simulator.history` kept
 KEEP_ENDED = 1024           # ended migrations the checks keep (as many as the controller)
+KEEP_DELETED = 128          # deleted instances the checks keep (a host keeps 16)
 EPOCH = 1_767_225_600.0     # 2026-01-01T00:00:00Z: virtual time 0 on the wall clock
 
 
@@ -275,8 +276,10 @@ class Simulator:
         self.injected: dict[str, int] = {k: 0 for k in FAULT_KINDS}
         self.hash = hashlib.sha256()
         # Its end-state checks are the final audit's (of the logs): it keeps none of
-        # their bookkeeping, and of ended migrations only the last KEEP_ENDED.
+        # their bookkeeping, and of ended migrations only the last KEEP_ENDED, of deleted
+        # instances the last KEEP_DELETED.
         self.checker = _Checker(end_state=False, keep_ended=KEEP_ENDED,
+                                keep_deleted=KEEP_DELETED,
                                 on_forget=self._forgot_migration)
         self.events = 0
         self.hosts: dict[str, _Host] = {}
