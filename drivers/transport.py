@@ -80,8 +80,9 @@ class ChunkPeer(Protocol):
         """Open `rel_path.part` for a file of `size` bytes; return the offset up to which a
         previous copy of the same source (`source_id`) already holds verified data."""
 
-    async def put(self, rel_path: str, offset: int, data: bytes, check: bytes) -> None:
-        """Write one chunk. `check` is the digest of the file's runs up to the chunk's end
+    async def put(self, rel_path: str, offset: int, data: bytes | bytearray,
+                  check: bytes) -> None:
+        """Write one chunk (the sender reuses `data`'s buffer once the call returned). `check` is the digest of the file's runs up to the chunk's end
         (`RunDigest.check`); ChunkChecksumError when the data does not match it."""
 
     async def commit(self, rel_path: str, digest: str) -> None:
@@ -457,31 +458,38 @@ def _source_id(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def _read_chunk(fd: int, offset: int, length: int, digest: RunDigest) -> tuple[bytes, bytes]:
-    """Read and hash one chunk (on a worker thread): its data and its check."""
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
+def _read_chunk(fd: int, offset: int, buf: bytearray, digest: RunDigest) -> bytes:
+    """Read one chunk into `buf` (its length is the chunk's) and hash it, on a worker
+    thread; return its check."""
+    if os.preadv(fd, [buf], offset) != len(buf):
         raise DiskError(f"short read at {offset}: the source changed while being sent")
-    digest.update(offset, data)
-    return data, digest.check()
+    digest.update(offset, buf)
+    return digest.check()
 
 
 async def _stream(peer: ChunkPeer, fd: int, rel_path: str, stats: SendStats,
                   chunk_bytes: int) -> str:
     """Send every chunk past `stats.resumed_from`; return the whole-file digest. Reading
-    and hashing chunk k+1 overlaps the put of chunk k (one put in flight keeps order)."""
+    and hashing chunk k+1 overlaps the put of chunk k (one put in flight keeps order).
+    Chunks are read into two buffers in turn, allocated once: a fresh buffer per chunk
+    costs the kernel a page fault per page, more than the read itself. A peer is done
+    with a chunk's data when its put returns."""
     digest, resume = RunDigest(), stats.resumed_from
+    spare, busy = bytearray(chunk_bytes), bytearray(chunk_bytes)
     in_flight: asyncio.Task | None = None
     try:
         for offset, length in chunk_extents(data_extents(fd, stats.file_bytes), chunk_bytes):
             stats.allocated_bytes += length
-            data, check = await _io(_read_chunk, fd, offset, length, digest)
+            buf = spare if length == chunk_bytes else bytearray(length)
+            check = await _io(_read_chunk, fd, offset, buf, digest)
             if offset + length <= resume:
                 continue                       # the receiver holds it already
             if in_flight is not None:
-                await in_flight
+                await in_flight                # `busy` is free again
             in_flight = asyncio.ensure_future(
-                _put_with_retry(peer, rel_path, offset, data, check, stats))
+                _put_with_retry(peer, rel_path, offset, buf, check, stats))
+            if buf is spare:
+                spare, busy = busy, spare
         if in_flight is not None:
             await in_flight
             in_flight = None
