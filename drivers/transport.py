@@ -41,7 +41,7 @@ import blake3
 
 from vmresize.drivers.base import DiskError
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20        # small enough to stay in cache between write and hash
 WRITEBACK_BYTES = 32 << 20   # start the kernel's writeback of a .part every this many bytes
 META_EVERY_BYTES = 64 << 20  # a local copy records its progress every this many bytes
 CHUNK_RETRIES_MAX = 3        # puts of one chunk that failed their check before giving up
