@@ -82,8 +82,9 @@ class ChunkPeer(Protocol):
 
     async def put(self, rel_path: str, offset: int, data: bytes | bytearray,
                   check: bytes) -> None:
-        """Write one chunk (the sender reuses `data`'s buffer once the call returned). `check` is the digest of the file's runs up to the chunk's end
-        (`RunDigest.check`); ChunkChecksumError when the data does not match it."""
+        """Write one chunk. `check` is the digest of the file's runs up to the chunk's end
+        (`RunDigest.check`); ChunkChecksumError when the data does not match it. The
+        sender reuses `data`'s buffer once the call returned."""
 
     async def commit(self, rel_path: str, digest: str) -> None:
         """Verify the whole-file digest, fsync, rename `.part` to the final name."""
@@ -475,12 +476,13 @@ async def _stream(peer: ChunkPeer, fd: int, rel_path: str, stats: SendStats,
     costs the kernel a page fault per page, more than the read itself. A peer is done
     with a chunk's data when its put returns."""
     digest, resume = RunDigest(), stats.resumed_from
-    spare, busy = bytearray(chunk_bytes), bytearray(chunk_bytes)
+    full = min(chunk_bytes, stats.file_bytes)  # a small file needs no chunk-sized buffers
+    spare, busy = bytearray(full), bytearray(full)
     in_flight: asyncio.Task | None = None
     try:
         for offset, length in chunk_extents(data_extents(fd, stats.file_bytes), chunk_bytes):
             stats.allocated_bytes += length
-            buf = spare if length == chunk_bytes else bytearray(length)
+            buf = spare if length == full else bytearray(length)
             check = await _io(_read_chunk, fd, offset, buf, digest)
             if offset + length <= resume:
                 continue                       # the receiver holds it already
