@@ -6,7 +6,9 @@ flattened image from hostA/ to hostB/ through send_file + FileReceiver in proces
 code path of the Ray transport, minus Ray), copies it with LocalSink (copy_file_range:
 shared storage, same host) and with `cp --sparse=always`, in the same run, rotating
 which goes first. Our transports fsync before they rename, so cp is timed twice: alone,
-and followed by an fsync of its copy (the same durability).
+and followed by an fsync of its copy (the same durability). Beside each wall time, the
+CPU time it took (this process and its children: user + system), which another
+program's load on a shared machine disturbs less than the wall time.
 
 Usage: python bench/disks.py [--dir DIR] [--rounds N]. Prints a table, then one JSON line.
 """
@@ -17,6 +19,7 @@ import asyncio
 import filecmp
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,6 +63,14 @@ def pick_dir(wanted: str | None) -> str:
         return tempfile.mkdtemp(prefix="vmresize-bench-", dir=candidate)
     sys.exit("bench/disks.py: no directory on a real disk with ~2.5 GiB free "
              "(tmpfs would measure memory, not the disk); pass --dir")
+
+
+def cpu_s() -> float:
+    """CPU seconds used so far by this process (all its threads) and its waited-for
+    children."""
+    own, kids = (resource.getrusage(w)
+                 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def timed(fn, *args) -> float:
@@ -114,57 +125,62 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def one_cp(src: str, dst_dir: str) -> tuple[float, float]:
+def one_cp(src: str, dst_dir: str) -> tuple[float, float, float]:
     dst = f"{dst_dir}/cp-disk"
-    t0 = time.perf_counter()
+    c0, t0 = cpu_s(), time.perf_counter()
     subprocess.run(["cp", "--sparse=always", src, dst], check=True)
     copied = time.perf_counter() - t0
     fsync_path(dst)
-    durable = time.perf_counter() - t0
+    durable, cpu = time.perf_counter() - t0, cpu_s() - c0
     assert filecmp.cmp(src, dst, shallow=False)
     os.unlink(dst)
-    return copied, durable
+    return copied, durable, cpu
 
 
 def one_move(src: str, dst_dir: str):
-    t0 = time.perf_counter()
+    c0, t0 = cpu_s(), time.perf_counter()
     stats = asyncio.run(send_file(FileReceiver(dst_dir), src, "uuid/disk"))
-    moved = time.perf_counter() - t0
+    moved, cpu = time.perf_counter() - t0, cpu_s() - c0
     assert filecmp.cmp(src, f"{dst_dir}/uuid/disk", shallow=False)
     shutil.rmtree(f"{dst_dir}/uuid")
-    return moved, stats
+    return moved, cpu, stats
 
 
-def one_local(src: str, dst_dir: str) -> float:
-    t0 = time.perf_counter()
+def one_local(src: str, dst_dir: str) -> tuple[float, float]:
+    c0, t0 = cpu_s(), time.perf_counter()
     asyncio.run(LocalSink(dst_dir).send_file(src, "uuid/disk"))
-    copied = time.perf_counter() - t0
+    copied, cpu = time.perf_counter() - t0, cpu_s() - c0
     assert filecmp.cmp(src, f"{dst_dir}/uuid/disk", shallow=False)
     shutil.rmtree(f"{dst_dir}/uuid")
-    return copied
+    return copied, cpu
 
 
 def move_rounds(flat: str, work: str, rounds: int) -> dict:
     dst = f"{work}/hostB"
     os.makedirs(dst)
     cp_s, cp_fsync_s, move_s, local_s, stats = [], [], [], [], None
+    cpu: dict[str, list[float]] = {"cp_fsync_cpu_s": [], "move_cpu_s": [], "local_cpu_s": []}
     order = ["cp", "move", "local"]
     for i in range(rounds):
         # Rotate the order so none always meets another's writeback.
         for which in order[i % 3:] + order[:i % 3]:
             os.sync()                   # start each from a clean page cache state
             if which == "cp":
-                copied, durable = one_cp(flat, dst)
+                copied, durable, used = one_cp(flat, dst)
                 cp_s.append(copied)
                 cp_fsync_s.append(durable)
+                cpu["cp_fsync_cpu_s"].append(used)
             elif which == "move":
-                moved, stats = one_move(flat, dst)
+                moved, used, stats = one_move(flat, dst)
                 move_s.append(moved)
+                cpu["move_cpu_s"].append(used)
             else:
-                local_s.append(one_local(flat, dst))
+                copied, used = one_local(flat, dst)
+                local_s.append(copied)
+                cpu["local_cpu_s"].append(used)
     return {"cp_s": statistics.median(cp_s), "cp_fsync_s": statistics.median(cp_fsync_s),
             "move_s": statistics.median(move_s), "local_s": statistics.median(local_s),
-            "stats": stats,
+            "stats": stats, "cpu": {k: statistics.median(v) for k, v in cpu.items()},
             "all": {"cp_s": cp_s, "cp_fsync_s": cp_fsync_s, "move_s": move_s,
                     "local_s": local_s}}
 
@@ -193,6 +209,7 @@ def run(work: str, rounds: int) -> dict:
         "ratio_vs_cp": round(moves["cp_s"] / moves["move_s"], 3),
         "ratio_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["move_s"], 3),
         "ratio_local_vs_cp_fsync": round(moves["cp_fsync_s"] / moves["local_s"], 3),
+        **{k: round(v, 3) for k, v in moves["cpu"].items()},
         "load_avg_1m_start": round(load_at_start, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "qemu_img_s": {k: round(v, 4) for k, v in steps.items()},
@@ -207,12 +224,12 @@ def table(fig: dict) -> str:
     rows = [(f"qemu-img {k}", f"{v:.3f} s", "") for k, v in fig["qemu_img_s"].items()]
     rows += [
         ("move: send_file + FileReceiver", f"{fig['move_s']:.3f} s",
-         f"{fig['move_bytes_per_s'] / MiB:.0f} MiB/s"),
+         f"{fig['move_bytes_per_s'] / MiB:.0f} MiB/s, CPU {fig['move_cpu_s']:.3f} s"),
         ("cp --sparse=always", f"{fig['cp_s']:.3f} s", f"{fig['cp_bytes_per_s'] / MiB:.0f} MiB/s"),
         ("cp --sparse=always + fsync", f"{fig['cp_fsync_s']:.3f} s",
-         f"{fig['cp_fsync_bytes_per_s'] / MiB:.0f} MiB/s"),
+         f"{fig['cp_fsync_bytes_per_s'] / MiB:.0f} MiB/s, CPU {fig['cp_fsync_cpu_s']:.3f} s"),
         ("local copy: LocalSink (copy_file_range)", f"{fig['local_s']:.3f} s",
-         f"{fig['local_bytes_per_s'] / MiB:.0f} MiB/s"),
+         f"{fig['local_bytes_per_s'] / MiB:.0f} MiB/s, CPU {fig['local_cpu_s']:.3f} s"),
         ("move rate / cp rate", f"{fig['ratio_vs_cp']:.2f}x", ""),
         ("move rate / (cp + fsync) rate", f"{fig['ratio_vs_cp_fsync']:.2f}x", ""),
         ("local copy rate / (cp + fsync) rate", f"{fig['ratio_local_vs_cp_fsync']:.2f}x", ""),

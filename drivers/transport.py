@@ -41,7 +41,7 @@ import blake3
 
 from vmresize.drivers.base import DiskError
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20        # small enough to stay in cache between write and hash
 WRITEBACK_BYTES = 32 << 20   # start the kernel's writeback of a .part every this many bytes
 META_EVERY_BYTES = 64 << 20  # a local copy records its progress every this many bytes
 CHUNK_RETRIES_MAX = 3        # puts of one chunk that failed their check before giving up
@@ -80,9 +80,11 @@ class ChunkPeer(Protocol):
         """Open `rel_path.part` for a file of `size` bytes; return the offset up to which a
         previous copy of the same source (`source_id`) already holds verified data."""
 
-    async def put(self, rel_path: str, offset: int, data: bytes, check: bytes) -> None:
+    async def put(self, rel_path: str, offset: int, data: bytes | bytearray,
+                  check: bytes) -> None:
         """Write one chunk. `check` is the digest of the file's runs up to the chunk's end
-        (`RunDigest.check`); ChunkChecksumError when the data does not match it."""
+        (`RunDigest.check`); ChunkChecksumError when the data does not match it. The
+        sender reuses `data`'s buffer once the call returned."""
 
     async def commit(self, rel_path: str, digest: str) -> None:
         """Verify the whole-file digest, fsync, rename `.part` to the final name."""
@@ -457,31 +459,39 @@ def _source_id(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def _read_chunk(fd: int, offset: int, length: int, digest: RunDigest) -> tuple[bytes, bytes]:
-    """Read and hash one chunk (on a worker thread): its data and its check."""
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
+def _read_chunk(fd: int, offset: int, buf: bytearray, digest: RunDigest) -> bytes:
+    """Read one chunk into `buf` (its length is the chunk's) and hash it, on a worker
+    thread; return its check."""
+    if os.preadv(fd, [buf], offset) != len(buf):
         raise DiskError(f"short read at {offset}: the source changed while being sent")
-    digest.update(offset, data)
-    return data, digest.check()
+    digest.update(offset, buf)
+    return digest.check()
 
 
 async def _stream(peer: ChunkPeer, fd: int, rel_path: str, stats: SendStats,
                   chunk_bytes: int) -> str:
     """Send every chunk past `stats.resumed_from`; return the whole-file digest. Reading
-    and hashing chunk k+1 overlaps the put of chunk k (one put in flight keeps order)."""
+    and hashing chunk k+1 overlaps the put of chunk k (one put in flight keeps order).
+    Chunks are read into two buffers in turn, allocated once: a fresh buffer per chunk
+    costs the kernel a page fault per page, more than the read itself. A peer is done
+    with a chunk's data when its put returns."""
     digest, resume = RunDigest(), stats.resumed_from
+    full = min(chunk_bytes, stats.file_bytes)  # a small file needs no chunk-sized buffers
+    spare, busy = bytearray(full), bytearray(full)
     in_flight: asyncio.Task | None = None
     try:
         for offset, length in chunk_extents(data_extents(fd, stats.file_bytes), chunk_bytes):
             stats.allocated_bytes += length
-            data, check = await _io(_read_chunk, fd, offset, length, digest)
+            buf = spare if length == full else bytearray(length)
+            check = await _io(_read_chunk, fd, offset, buf, digest)
             if offset + length <= resume:
                 continue                       # the receiver holds it already
             if in_flight is not None:
-                await in_flight
+                await in_flight                # `busy` is free again
             in_flight = asyncio.ensure_future(
-                _put_with_retry(peer, rel_path, offset, data, check, stats))
+                _put_with_retry(peer, rel_path, offset, buf, check, stats))
+            if buf is spare:
+                spare, busy = busy, spare
         if in_flight is not None:
             await in_flight
             in_flight = None
