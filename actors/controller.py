@@ -303,12 +303,22 @@ class Controller:
 
     def _forget_migrations(self, final_id: str) -> None:
         """Keep the last `retain_migrations` ended migrations in the view (the logs keep
-        them all: `vmresize events` and the auditor read them there)."""
+        them all: `vmresize events` and the auditor read them there), and any that an
+        open request still names, until it ends."""
         self._final.append(final_id)
-        while len(self._final) > self.opt.retain_migrations:
+        for _ in range(len(self._final)):
+            if len(self._final) <= self.opt.retain_migrations:
+                return
             old = self._final.popleft()
+            if self._named_by_open_request(old):
+                self._final.append(old)
+                continue
             self.view.migrations.pop(old, None)
             self.disks.pop(old, None)
+
+    def _named_by_open_request(self, mid: str) -> bool:
+        resize = self.by_migration.get(mid)
+        return mid in self.open_finishes or (resize is not None and not resize.ended)
 
     async def start(self) -> None:
         """Replay our log, load the newest snapshot of our view, pull every host's
