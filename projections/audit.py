@@ -263,24 +263,16 @@ class _Checker:
                 self.violations.extend(self.host_findings.pop((env.host, env.offset), ()))
 
     def _forget_ended(self, mid: str) -> None:
-        ended = self.ended
-        ended.pop(mid, None)                # ended again (an error's cleanup): newest now
-        ended[mid] = None
-        while len(ended) > self.keep_ended:
-            gone = self.s.migrations.pop(next(iter(ended)))
-            del ended[gone.id]
+        # ended again (an error's cleanup): newest now
+        for old in _past_window(self.ended, mid, self.keep_ended):
+            gone = self.s.migrations.pop(old)
             if self.on_forget is not None:
                 self.on_forget(gone)
 
     def _forget_deleted(self, uuid: str) -> None:
         """Without end-state checks, the last `keep_deleted` deleted instances are kept (a
         record of one forgotten starts its version chain anew: a gap)."""
-        deleted = self.deleted_window
-        deleted.pop(uuid, None)
-        deleted[uuid] = None
-        while len(deleted) > self.keep_deleted:
-            old = next(iter(deleted))
-            del deleted[old]
+        for old in _past_window(self.deleted_window, uuid, self.keep_deleted):
             self.s.instances.pop(old, None)
             self.versions.pop(old, None)
 
@@ -303,14 +295,10 @@ class _Checker:
 
     def _note_ended(self, mid: str, mig) -> None:
         """Keep the ended-migration window in order; spill the oldest past `keep`."""
-        window = self.ended_window
-        window.pop(mid, None)
         if mig is None or not mig.final:
+            self.ended_window.pop(mid, None)
             return
-        window[mid] = None
-        while len(window) > self.keep:
-            old = next(iter(window))
-            del window[old]
+        for old in _past_window(self.ended_window, mid, self.keep):
             record = self.s.migrations.pop(old)
             self.spill.put(MIGRATION, old, EndedMigration(_view(record),
                                                           self.mig_last.pop(old)))
@@ -319,12 +307,7 @@ class _Checker:
     def _note_deleted(self, uuid: str) -> None:
         """Keep the deleted-instance window in order; spill the oldest past `keep`, unless
         it has come back or its migration is open (whose end-state checks need it here)."""
-        window = self.deleted_window
-        window.pop(uuid, None)
-        window[uuid] = None
-        while len(window) > self.keep:
-            old = next(iter(window))
-            del window[old]
+        for old in _past_window(self.deleted_window, uuid, self.keep):
             inst = self.s.instances.get(old)
             if inst is None or not inst.deleted:
                 continue
@@ -517,6 +500,16 @@ class _Checker:
                     self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
                               f" by claim events, {_res(want.get(key))} by instances",
                               _Where(host, offset))
+
+
+def _past_window(window: dict[str, None], key: str, size: int) -> Iterator[str]:
+    """Make `key` the newest of `window`; remove and yield the oldest keys past `size`."""
+    window.pop(key, None)
+    window[key] = None
+    while len(window) > size:
+        old = next(iter(window))
+        del window[old]
+        yield old
 
 
 def _allocation_keys(e, mid: str) -> tuple[str, ...]:
