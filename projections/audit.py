@@ -194,7 +194,6 @@ class _Checker:
         self.spill = spill
         self.keep = keep
         self.spilled = {kind: 0 for kind in SPILLED}      # how many of each are there
-        self.ended_window: dict[str, None] = {}           # ended migrations, oldest first
         self.deleted_window: dict[str, None] = {}         # deleted instances, oldest first
         # where a released allocation was released, for the end-state checks
         self.released: Callable[[str, str], int | None] = self._released_in_spill
@@ -296,9 +295,9 @@ class _Checker:
     def _note_ended(self, mid: str, mig) -> None:
         """Keep the ended-migration window in order; spill the oldest past `keep`."""
         if mig is None or not mig.final:
-            self.ended_window.pop(mid, None)
+            self.ended.pop(mid, None)
             return
-        for old in _past_window(self.ended_window, mid, self.keep):
+        for old in _past_window(self.ended, mid, self.keep):
             record = self.s.migrations.pop(old)
             self.spill.put(MIGRATION, old, EndedMigration(_view(record),
                                                           self.mig_last.pop(old)))
