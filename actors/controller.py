@@ -156,6 +156,7 @@ class Controller:
         self.tasks: dict[str, asyncio.Future] = {}
         self._ended: deque[str] = deque()           # ended request ids, oldest first
         self._final: deque[str] = deque()           # ended migration ids, oldest first
+        self._deleted: deque[str] = deque()         # deleted instance uuids, oldest first
         self.down_until: dict[str, float] = {}     # host -> when to try it again
         self.round_trips = 0
         self._confirm_timers: dict[str, asyncio.Future] = {}
@@ -296,6 +297,8 @@ class Controller:
                 self.names[env.event.name] = env.event.instance_uuid
             if type(env.event) is ev.DiskMigrated:
                 self.disks[env.event.migration_id] = env.event.disks
+            elif type(env.event) is ev.Deleted:
+                self._forget_deleted(env.event.instance_uuid)
 
     def _is_final(self, mid: str) -> bool:
         mig = self.view.migrations.get(mid)
@@ -316,6 +319,28 @@ class Controller:
             self.view.migrations.pop(old, None)
             self.disks.pop(old, None)
 
+    def _forget_deleted(self, uuid: str) -> None:
+        """Keep the last `retain_deleted` deleted instances in the view (the compute API
+        lists them, as Nova lists deleted servers until they are archived; the logs
+        keep them all), and any that an open request still names."""
+        self._deleted.append(uuid)
+        for _ in range(len(self._deleted)):
+            if len(self._deleted) <= self.opt.retain_deleted:
+                return
+            old = self._deleted.popleft()
+            inst = self.view.instances.get(old)
+            if inst is None or not inst.deleted:
+                continue
+            if any(old in index for index in (self.open_resizes, self.open_actions,
+                                              self.open_deletes, self.open_boots)):
+                self._deleted.append(old)
+                continue
+            del self.view.instances[old]
+            for per_instance in (self.owners, self.created, self.touched, self.changed):
+                per_instance.pop(old, None)
+            if self.names.get(inst.name) == old:
+                del self.names[inst.name]
+
     def _named_by_open_request(self, mid: str) -> bool:
         resize = self.by_migration.get(mid)
         return mid in self.open_finishes or (resize is not None and not resize.ended)
@@ -330,6 +355,11 @@ class Controller:
                   for host in sorted(self.hosts)}
         versions = {u: i.version for u, i in self.view.instances.items()}
         self.learn(merge_logs(pulled, versions))     # instance events in version order
+        # our log's replay named every instance ever booted: keep those still in view
+        for per_instance in (self.owners, self.created, self.touched):
+            for uuid in [u for u in per_instance if u not in self.view.instances
+                         and u not in self.open_boots]:
+                del per_instance[uuid]
         for r in list(self.requests.values()):
             if not r.ended:
                 self._drive(r)
@@ -430,6 +460,7 @@ class Controller:
         self._applied = {h: set(o) for h, o in snap.applied.items()}
         self.disks = {m: tuple(d) for m, d in snap.disks.items()}
         self.names = dict(snap.names)
+        self._deleted = deque(u for u, i in self.view.instances.items() if i.deleted)
 
     def _mark_down(self, host: str) -> None:
         self.down_until[host] = self.clock() + self.opt.retry_backoff_max_s * 2

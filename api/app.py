@@ -212,6 +212,7 @@ class ServerViews:
         self.lookups = lookups
         self.follows = follow and callable(getattr(api.cluster, "server_changes", None))
         self.views: dict = {}
+        self.deleted: dict[str, None] = {}     # deleted servers' uuids, oldest first
         self.epoch, self.seq = "", 0
         self.live = False
         self.task: asyncio.Future | None = None
@@ -265,10 +266,23 @@ class ServerViews:
             delay = self.RETRY_S[0]
             if epoch != self.epoch:
                 self.views = {}    # a restarted controller: every server anew
+                self.deleted = {}
             for view in views:
-                self.views[view.instance.uuid] = view
+                self._keep(view)
             self.epoch, self.seq, self.live = epoch, seq, True
             self._wake()
+
+    def _keep(self, view) -> None:
+        """A server's newest view; deleted ones as many as the controller keeps."""
+        uuid = view.instance.uuid
+        self.views[uuid] = view
+        if view.instance.deleted:
+            self.deleted.pop(uuid, None)
+            self.deleted[uuid] = None
+            while len(self.deleted) > self.api.cfg.options.retain_deleted:
+                old = next(iter(self.deleted))
+                del self.deleted[old]
+                self.views.pop(old, None)
 
     def _wake(self) -> None:
         waiting = []

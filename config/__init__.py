@@ -37,6 +37,7 @@ class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     retain_requests: Count = 2048        # ended requests the controller remembers
     retain_migrations: Count = 1024      # ended migrations its views keep
+    retain_deleted: Count = 1024         # deleted instances its views keep
 
 
 class Ratios(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

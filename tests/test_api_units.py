@@ -234,8 +234,15 @@ def test_expired_value_readers_share_one_fetch_and_fresh_ones_never_join_an_earl
 
 class _View:
     def __init__(self, uuid: str, status: str):
-        self.instance = type("Instance", (), {"uuid": uuid})()
+        self.instance = type("Instance", (), {"uuid": uuid,
+                                              "deleted": status == "DELETED"})()
         self.status = status
+
+
+def _api_of(cluster, retain_deleted: int = 1024):
+    options = type("Options", (), {"retain_deleted": retain_deleted})()
+    return type("Api", (), {"cluster": cluster, "call": staticmethod(cluster.call),
+                            "cfg": type("Cfg", (), {"options": options})()})
 
 
 class _FollowedCluster:
@@ -275,7 +282,7 @@ def test_server_views_follow_the_controller_and_a_writer_reads_its_own_write():
 
     async def scenario():
         c = _FollowedCluster()
-        api = type("Api", (), {"cluster": c, "call": staticmethod(c.call)})
+        api = _api_of(c)
         views = ServerViews(api, ServerLookups(api))
         views.RETRY_S = (0.001, 0.001)
         c.state.update(a="ACTIVE", b="ACTIVE")
@@ -313,6 +320,27 @@ def test_server_views_follow_the_controller_and_a_writer_reads_its_own_write():
 
     assert asyncio.run(scenario()) == ["ACTIVE", "ACTIVE", "ACTIVE", "RESIZE", "SHUTOFF",
                                        "VERIFY_RESIZE", "VERIFY_RESIZE"]
+
+
+def test_server_views_keep_as_many_deleted_servers_as_the_controller():
+    from vmresize.api.app import ServerLookups, ServerViews
+
+    async def scenario():
+        c = _FollowedCluster()
+        api = _api_of(c, retain_deleted=2)
+        views = ServerViews(api, ServerLookups(api))
+        c.state.update(a="DELETED", b="DELETED", d="DELETED", live="ACTIVE")
+        await views.get("live")                           # starts following
+        c.replies.put_nowait(c.changes("e1", 1, "a", "b", "live", "d"))
+        await _steps()
+        kept = sorted(views.views)
+        del c.state["a"]                                  # the controller forgot it too
+        gone = await views.get("a")
+        views.task.cancel()
+        return kept, gone, c.direct[-1]
+
+    kept, gone, asked = asyncio.run(scenario())
+    assert kept == ["b", "d", "live"] and gone is None and asked == ["a"]
 
 
 def test_unexpected_properties_are_named_as_nova_names_them():

@@ -378,3 +378,22 @@ TINY_WINDOWS = msgspec.structs.replace(CLUSTER, options=msgspec.structs.replace(
 def test_a_controller_with_tiny_windows_still_ends_every_request(seed, tmp_path):
     _, result = simulate(seed, tmp_path, cluster=TINY_WINDOWS)
     assert result.violations == 0, _explain(seed, result)
+
+
+def test_a_controller_keeps_its_last_deleted_instances_and_forgets_the_rest(tmp_path):
+    """Deleted instances stay in the view for the compute API's deleted listing, the
+    last `retain_deleted` of them; the run is as correct with 2."""
+    cluster = msgspec.structs.replace(CLUSTER, options=msgspec.structs.replace(
+        CLUSTER.options, retain_deleted=2))
+    # restarts from a snapshot: replaying the controller's log names every boot
+    sim, result = simulate(3, tmp_path, cluster=cluster, operations=800,
+                           controller_crash_p=0.001)
+    assert result.violations == 0, _explain(3, result)
+    from vmresize.events.store import open_host_logs
+    deletes = sum(type(env.event) is ev.Deleted
+                  for log in open_host_logs(tmp_path / "state").values()
+                  for env in log.envelopes())
+    kept = [i for i in sim.controller.view.instances.values() if i.deleted]
+    assert deletes > 2 and len(kept) <= 2, (deletes, kept)
+    assert set(sim.controller.created) <= set(sim.controller.view.instances) | set(
+        sim.controller.open_boots)
