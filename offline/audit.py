@@ -13,7 +13,8 @@ from vmresize.events.schema import Envelope
 from vmresize.events.store import host_names, open_host_logs
 from vmresize.offline.spill import SqliteSpill
 from vmresize.projections.audit import (KEEP_IN_MEMORY, AsOf, AuditReport, TornTailNote,
-                                        _report, _until, causal_cut, check, parse_as_of)
+                                        _report, _until, causal_cut, check, last_changes,
+                                        parse_as_of)
 
 
 # Below this much log, starting a second process costs more than it saves.
@@ -49,11 +50,13 @@ def audit(state_dir, as_of: str | None = None, expected_hosts: Iterable[str] | N
         report.torn_tails = [TornTailNote(*t) for t in tails]
         return report
     readers = open_host_logs(state_dir)
-    spill = None if keep is None else SqliteSpill()
+    # a cut is as long as it is: what has ended is spilled only when the whole is read
+    spill = None if keep is None or cut_at is not None else SqliteSpill()
     try:
         expected = [h for h in expected_hosts or () if h not in readers
                     or next(iter(readers[h].envelopes(0, 1)), None) is None]
-        report = check(_cut(readers, cut_at), expected, spill, keep or 0)
+        report = check(_cut(readers, cut_at), expected, spill, keep or 0,
+                       lambda host, keys: last_changes(readers[host].envelopes(), keys))
     finally:
         for r in readers.values():
             r.close()

@@ -66,30 +66,23 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
 
 
 def _host_side(requests, conn, state_dir: str, hosts: list[str],
-               chunk_records: int, keep: int | None) -> None:
+               chunk_records: int, forget_released: bool) -> None:
     """Answer each request (a host's index) with that host's next chunk; None asks for
-    the ledgers (and where each held allocation last changed) and the torn tails; then
-    each (host, key) request with where that allocation was released, until None."""
+    the ledgers (and where each allocation last changed: with `forget_released`, only
+    those held) and the torn tails, and ends."""
     from vmresize.events.store import HostLogReader, merged_chunk_bytes
-    from vmresize.offline.spill import SqliteSpill
     from vmresize.projections.audit import _Checker
     readers = []
-    spill = None if keep is None else SqliteSpill()
     try:
         readers = [HostLogReader(state_dir, h, merged_chunk_bytes(len(hosts)))
                    for h in hosts]
         conn.send(("open",))
-        checker = _Checker(instance_side=False, spill=spill, keep=keep or 0)
+        checker = _Checker(instance_side=False, forget_released=forget_released)
         streams = [r.records() for r in readers]
         while (i := requests.recv()) is not None:
             conn.send(("chunk", i) + _next_chunk(checker, streams[i], chunk_records))
         # each log was read to its end, which found its torn tail on the way
         conn.send(("end", checker.s.ledgers, checker.changed, [_torn(r) for r in readers]))
-        try:
-            while (asked := requests.recv()) is not None:
-                conn.send(("released", checker.released(*asked)))
-        except EOFError:        # this side stopped early (its own error says why)
-            pass
     except CorruptLog as exc:
         conn.send(("corrupt", exc.path, exc.offset, exc.reason))
     except LogError as exc:
@@ -97,8 +90,6 @@ def _host_side(requests, conn, state_dir: str, hosts: list[str],
     finally:
         for r in readers:
             r.close()
-        if spill is not None:
-            spill.close()
 
 
 def _torn(reader):
@@ -172,16 +163,26 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
                 keep: int | None = None):
     """`check` of the logs of `hosts` in `state_dir` on this process and a helper;
     returns the checker after `finish` and the torn tails as (host, segment, offset,
-    bytes dropped). `keep`: as `offline.audit.audit`'s, on both processes."""
+    bytes dropped). `keep`: as `offline.audit.audit`'s."""
+    from vmresize.events.store import HostLogReader
     from vmresize.offline.spill import SqliteSpill
-    from vmresize.projections.audit import _Checker
+    from vmresize.projections.audit import _Checker, last_changes
     from vmresize.projections.fold import merge_logs
+
+    def locate(host: str, keys: set[str]) -> dict[str, int]:
+        reader = HostLogReader(state_dir, host)
+        try:
+            return last_changes(reader.envelopes(), keys)
+        finally:
+            reader.close()
+
     helper, requests, conn = _start_helper()
     spill = None if keep is None else SqliteSpill()
     try:
         requests.send((str(state_dir), hosts, chunk_records or chunk_records_for(len(hosts)),
-                       keep))
-        checker = _Checker(host_side=False, spill=spill, keep=keep or 0)
+                       spill is not None))
+        checker = _Checker(host_side=False, spill=spill, keep=keep or 0,
+                           forget_released=spill is not None, locate=locate)
         chunks = _Chunks(requests, conn, hosts, checker)
         chunks.expect("open")
         for env in merge_logs({h: chunks.stream(i) for i, h in enumerate(hosts)}):
@@ -190,14 +191,7 @@ def check_split(state_dir: str | Path, hosts: list[str], chunk_records: int | No
         _, ledgers, changed, torn = chunks.expect("end")
         checker.s.ledgers.update(ledgers)
         checker.changed.update(changed)
-
-        def released(host: str, key: str) -> int | None:      # the helper has them
-            requests.send((host, key))
-            return chunks.expect("released")[1]
-
-        checker.released = released
         checker.finish()
-        requests.send(None)
         tails = [(h,) + t for h, t in zip(hosts, torn) if t is not None]
         return checker, tails
     finally:

@@ -97,10 +97,12 @@ class _Where(msgspec.Struct):
 #
 # What a checker keeps grows with history unless it lets go of what has ended: ended
 # migrations, deleted instances and released allocations. Their end-state checks need
-# them at the end all the same, so a checker given a `Spill` moves each of them there
-# once `keep` newer ones have ended (and takes one back if a record names it again);
-# the report is the same either way. The spill is the caller's I/O (the offline audit
-# puts it in a temporary SQLite file); this module keeps none.
+# them at the end all the same, so a checker given a `Spill` moves each ended migration
+# and deleted instance there once `keep` newer ones have ended (and takes one back if a
+# record names it again), and forgets where each allocation was released: when an
+# end-state finding needs that, `locate` reads the host's log again for it (the
+# caller's: it has the logs). The report is the same either way. The spill is the
+# caller's I/O too (the offline audit puts it in a temporary SQLite file).
 
 class EndedMigration(msgspec.Struct, array_like=True):
     migration: Migration
@@ -113,9 +115,8 @@ class DeletedInstance(msgspec.Struct, array_like=True):
     recent: list[tuple[str, int]]   # where the last VERSION_WINDOW versions were written
 
 
-MIGRATION, INSTANCE, RELEASED = "migration", "instance", "released"
-# what each kind of spilled value is (a released allocation: the offset that released it)
-SPILLED = {MIGRATION: EndedMigration, INSTANCE: DeletedInstance, RELEASED: int}
+MIGRATION, INSTANCE = "migration", "instance"
+SPILLED = {MIGRATION: EndedMigration, INSTANCE: DeletedInstance}    # what each kind is
 KEEP_IN_MEMORY = 128        # ended migrations and deleted instances a spilling checker keeps
 
 
@@ -149,10 +150,6 @@ class MemorySpill:
         return len(self.kinds[kind])
 
 
-def released_key(host: str, key: str) -> str:
-    return f"{host}\0{key}"
-
-
 _SPAWN_STARTED, _SPAWN_FAILED, _DELETED = ev.SpawnStarted, ev.SpawnFailed, ev.Deleted
 _MAY_BE_FINAL = frozenset({MS.CONFIRMED, MS.REVERTED, MS.ERROR})   # see Migration.final
 
@@ -170,7 +167,8 @@ class _Checker:
                  end_state: bool = True, keep_ended: int | None = None,
                  on_forget: Callable[[MigrationRecord], None] | None = None,
                  spill: Spill | None = None, keep: int = KEEP_IN_MEMORY,
-                 keep_deleted: int | None = None):
+                 keep_deleted: int | None = None, forget_released: bool = False,
+                 locate: Callable[[str, set[str]], dict[str, int]] | None = None):
         self.s = FoldState()
         self.host_side = host_side
         self.instance_side = instance_side
@@ -187,16 +185,18 @@ class _Checker:
         # ... and of deleted instances the last `keep_deleted` (default: keep_ended)
         self.keep_deleted = keep_ended if keep_deleted is None else keep_deleted
         self.on_forget = on_forget
-        # With a spill, what has ended goes there once `keep` newer ones have (see Spill)
-        if spill is not None and (not end_state or keep < 0):
+        # With a spill, what has ended goes there once `keep` newer ones have; with
+        # `forget_released`, where an allocation was released is not kept, and the
+        # end-state checks ask `locate` (host, keys -> where each last changed there)
+        if (spill is not None or forget_released) and (not end_state or keep < 0):
             raise ValueError(f"spill: needs end_state=True and keep >= 0, got keep={keep!r}"
                              f" with end_state={end_state}")
+        self.forget_released = forget_released
+        self.locate = locate
         self.spill = spill
         self.keep = keep
         self.spilled = {kind: 0 for kind in SPILLED}      # how many of each are there
         self.deleted_window: dict[str, None] = {}         # deleted instances, oldest first
-        # where a released allocation was released, for the end-state checks
-        self.released: Callable[[str, str], int | None] = self._released_in_spill
         self.ended: dict[str, None] = {}                 # ended migrations, oldest first
         self.violations: list[Violation] = []
         self.host_findings: dict[tuple[str, int], list[Violation]] = {}
@@ -284,9 +284,8 @@ class _Checker:
         for key, was in zip(keys, held):
             now = allocations.get(key)
             if now != was:
-                if now is None and self.spill is not None:     # released: spilled
+                if now is None and self.forget_released:
                     self.changed.pop((env.host, key), None)
-                    self.spill.put(RELEASED, released_key(env.host, key), env.offset)
                 else:
                     self.changed[(env.host, key)] = env.offset
 
@@ -352,10 +351,6 @@ class _Checker:
             if d is not None:
                 return d.migration, tuple(d.last)
         return None, None
-
-    def _released_in_spill(self, host: str, key: str) -> int | None:
-        return None if self.spill is None else self.spill.get(RELEASED,
-                                                              released_key(host, key))
 
     def count(self, kind: str) -> int:
         """Instances or migrations seen, in memory and spilled."""
@@ -484,21 +479,39 @@ class _Checker:
 
     def _check_ledger_from_instances(self) -> None:
         expected = _expected_allocations(self.p, self.no_alloc)
+        wrong: list[tuple[str, str, Resources | None, Resources | None]] = []
         for host, ledger in self.p.ledgers.items():
             want = expected.get(host, {})
             if ledger.allocations == want:
                 continue
             for key in sorted(set(want) | set(ledger.allocations)):
                 if want.get(key) != ledger.allocations.get(key):
-                    # at the record that last changed the key there, else the last one
-                    offset = self.changed.get((host, key))
-                    if offset is None:
-                        offset = self.released(host, key)
-                    if offset is None:
-                        offset = self.p.offsets.get(host, 1) - 1
-                    self.flag(6, f"host {host}: {key} is {_res(ledger.allocations.get(key))}"
-                              f" by claim events, {_res(want.get(key))} by instances",
-                              _Where(host, offset))
+                    wrong.append((host, key, ledger.allocations.get(key), want.get(key)))
+        found: dict[str, dict[str, int]] = {}
+        if self.locate is not None:      # where the allocations released were released
+            forgotten: dict[str, set[str]] = {}
+            for host, key, _, _ in wrong:
+                if (host, key) not in self.changed:
+                    forgotten.setdefault(host, set()).add(key)
+            found = {host: self.locate(host, keys) for host, keys in forgotten.items()}
+        for host, key, held, wanted in wrong:
+            # at the record that last changed the key there, else the last one
+            offset = self.changed.get((host, key), found.get(host, {}).get(key))
+            if offset is None:
+                offset = self.p.offsets.get(host, 1) - 1
+            self.flag(6, f"host {host}: {key} is {_res(held)} by claim events, "
+                      f"{_res(wanted)} by instances", _Where(host, offset))
+
+
+def last_changes(envelopes: Iterable[Envelope], keys: set[str]) -> dict[str, int]:
+    """Of one host's log, the offset of the last record that changed each allocation of
+    `keys` in its ledger (the `locate` of a checker that forgets them)."""
+    c = _Checker(instance_side=False)
+    host = ""
+    for env in envelopes:
+        c.feed(env)
+        host = env.host
+    return {key: c.changed[(host, key)] for key in keys if (host, key) in c.changed}
 
 
 def _past_window(window: dict[str, None], key: str, size: int) -> Iterator[str]:
@@ -581,11 +594,17 @@ def _hold_until_released(hold, mig) -> None:
 
 
 def check(logs: dict[str, Iterable[Envelope]], expected_hosts: Iterable[str] = (),
-          spill: Spill | None = None, keep: int = KEEP_IN_MEMORY) -> AuditReport:
+          spill: Spill | None = None, keep: int = KEEP_IN_MEMORY,
+          locate: Callable[[str, set[str]], dict[str, int]] | None = None) -> AuditReport:
     """Check the six invariants over `logs`; each host of `expected_hosts` (the hosts of
     the cluster) that has no log here, or an empty one, is a violation too. With a
-    `spill`, what has ended goes there past the last `keep` (the same report)."""
-    c = _Checker(spill=spill, keep=keep)
+    `spill`, what has ended goes there past the last `keep`, and `locate` reads a host's
+    log again (by default `last_changes` of `logs`, which must then be lists): the same
+    report."""
+    if spill is not None and locate is None:
+        def locate(host, keys):
+            return last_changes(logs[host], keys)
+    c = _Checker(spill=spill, keep=keep, forget_released=spill is not None, locate=locate)
     for env in merge_logs(logs):
         c.feed(env)
     c.finish()

@@ -20,8 +20,8 @@ from vmresize.events.log import CorruptLog, LogError, SegmentLog
 from vmresize.events.schema import Resources
 from vmresize.offline import audit
 from vmresize.projections import check
-from vmresize.projections.audit import (INSTANCE, MIGRATION, RELEASED, MemorySpill,
-                                        _Checker, merge_logs)
+from vmresize.projections.audit import (INSTANCE, MIGRATION, MemorySpill, _Checker,
+                                        merge_logs)
 
 fold_module = importlib.import_module("vmresize.projections.fold")   # the package's
 # `fold` attribute is the function, which shadows the module of the same name
@@ -37,8 +37,9 @@ def violations(h: History, invariant: str | None = None):
 
 
 def same_when_everything_ended_is_spilled(logs, report) -> None:
-    """A checker that spills each ended migration, deleted instance and released
-    allocation as soon as it can reports exactly what one that keeps them does."""
+    """A checker that spills each ended migration and deleted instance as soon as it can,
+    and reads where an allocation was released from the log again, reports exactly
+    what one that keeps them all does."""
     spilled = check(logs, spill=MemorySpill(), keep=0)
     assert msgspec.json.encode(spilled) == msgspec.json.encode(report)
 
@@ -1001,8 +1002,8 @@ def test_a_split_audit_of_many_logs_keeps_few_records_of_each_in_flight():
 # --------------------------------------------------------------------------- spilling
 #
 # `audit` keeps the last KEEP_IN_MEMORY ended migrations and deleted instances in memory
-# and spills the rest (and every released allocation) to a temporary file, so that its
-# memory follows live state, not history. Every test above checks its history both ways
+# and spills the rest to a temporary file (and reads where an allocation was released
+# from the log again), so that its memory follows live state, not history. Every test above checks its history both ways
 # (`violations`); these make sure each kind is spilled, and found there at the end.
 
 def test_a_deleted_instance_still_held_is_found_in_the_spill():
@@ -1013,7 +1014,7 @@ def test_a_deleted_instance_still_held_is_found_in_the_spill():
     gone = h.inst("b", ev.Deleted, U)
     spill = MemorySpill()
     report = check(h.logs, spill=spill, keep=0)
-    assert spill.count(INSTANCE) == 1 and spill.count(RELEASED) == 0
+    assert spill.count(INSTANCE) == 1
     found = [v for v in report.violations if v.invariant == "no-leak"]
     assert [(v.host, v.offset) for v in found] == [("b", gone.offset)]
     assert "should be held by 0 host(s), is held by ['a']" in found[0].message
@@ -1039,7 +1040,7 @@ def test_a_record_of_a_spilled_instance_takes_it_back_with_its_version_chain():
     assert check(h.logs, spill=MemorySpill(), keep=0) == check(h.logs)
 
 
-def test_an_ended_migration_and_its_released_claims_are_found_in_the_spill():
+def test_an_ended_migration_is_found_in_the_spill():
     # Given M ended, but its destination's release written by the wrong host; then m2
     h = resized(old=SMALL, new=TINY)
     claim = h.claim(M)
@@ -1051,7 +1052,6 @@ def test_an_ended_migration_and_its_released_claims_are_found_in_the_spill():
     spill = MemorySpill()
     report = check(h.logs, spill=spill, keep=1)
     assert spill.count(MIGRATION) == 1 and spill.get(MIGRATION, M) is not None
-    assert spill.count(RELEASED) >= 1
     assert [(v.invariant, v.host, v.offset) for v in report.violations] == [
         ("no-leak", "a", last.offset), ("ledger-matches", "b", claim.offset)]
     assert report == check(h.logs) and report.migrations == 2
@@ -1098,16 +1098,33 @@ def test_a_spill_gives_back_what_was_put_whether_written_yet_or_not(kind_of_spil
     from vmresize.projections.audit import DeletedInstance, EndedMigration
     for i in range(5):
         spill.put(MIGRATION, f"m{i}", EndedMigration(mig, ("a", i)))
-        spill.put(RELEASED, f"a\0m:m{i}:new", i)
+        spill.put(INSTANCE, f"u{i}", DeletedInstance(inst, i, []))
     spill.put(INSTANCE, U, DeletedInstance(inst, 3, [("a", 0), ("b", 2)]))
-    spill.put(RELEASED, "a\0m:m0:new", 7)                # replaced
+    spill.put(INSTANCE, "u0", DeletedInstance(inst, 7, []))   # replaced
     assert spill.get(MIGRATION, "m3") == EndedMigration(mig, ("a", 3))
-    assert spill.get(RELEASED, "a\0m:m0:new") == 7 and spill.get(RELEASED, "nope") is None
+    assert spill.get(INSTANCE, "u0").version == 7 and spill.get(INSTANCE, "nope") is None
     assert spill.take(MIGRATION, "m1").last == ("a", 1)
     assert spill.take(MIGRATION, "m4").last == ("a", 4)
     assert spill.take(MIGRATION, "m4") is None and spill.get(MIGRATION, "m1") is None
     assert sorted(d.last[1] for d in spill.values(MIGRATION)) == [0, 2, 3]
-    assert spill.count(MIGRATION) == 3 and spill.count(RELEASED) == 5
+    assert spill.count(MIGRATION) == 3 and spill.count(INSTANCE) == 6
     assert spill.get(INSTANCE, U).recent == [("a", 0), ("b", 2)]
     if kind_of_spill == "sqlite":
         spill.close()
+
+
+def test_a_spilling_checker_keeps_where_held_allocations_changed_and_no_more():
+    h = resized()
+    h.full_resize(M)
+    h.confirm(M)
+    h.inst("b", ev.Deleted, U)
+    c = _Checker(spill=MemorySpill(), keep=0, forget_released=True)
+    for env in merge_logs(h.logs):
+        c.feed(env)
+    held = {(host, key) for host, ledger in c.p.ledgers.items()
+            for key in ledger.allocations}
+    assert set(c.changed) == held
+    keeps_all = _Checker()
+    for env in merge_logs(h.logs):
+        keeps_all.feed(env)
+    assert len(keeps_all.changed) > len(held)
