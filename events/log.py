@@ -512,6 +512,7 @@ class SegmentLog:
         self._inflight: _Batch | None = None
         self._flushed = 0                 # records below this are written (and fsync'd)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None             # the thread `_loop` ran in
         self._writer: threading.Thread | None = None
         self._writer_idle = False         # waiting for `_work`: notify it
         if readonly:
@@ -701,12 +702,14 @@ class SegmentLog:
         if not self._fsync or self.disk.inline:
             # Nothing slow to wait for (page cache, or an in-memory disk): no thread hop.
             return self.append(items, encode)
-        loop = asyncio.get_running_loop()
         with self._lock:
             if self._closed or self._failure is not None:
                 self._check_writable()
-            if self._loop is not loop:
-                self._bind_loop(loop)
+            # The loop bound is the caller's when it runs in this thread (a thread runs
+            # one loop at a time): asyncio.get_running_loop() costs a getpid() here.
+            if self._loop_thread != threading.get_ident() or not self._loop.is_running():
+                self._bind_loop(asyncio.get_running_loop())
+            loop = self._loop
             batch = self._open
             first = batch.end
             batch.add(items, encode)
@@ -732,6 +735,9 @@ class SegmentLog:
         return first
 
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_thread = threading.get_ident()
+        if loop is self._loop:
+            return
         for batch in (self._open, self._inflight):
             if batch is not None and batch.waiter is not None:
                 if not batch.loop.is_closed():

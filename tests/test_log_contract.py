@@ -991,6 +991,28 @@ def test_an_appender_cancelled_after_its_batch_is_durable_leaves_no_one_waiting(
     log.close()
 
 
+def test_append_async_from_two_event_loops_at_once_is_refused():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+    first = {}
+
+    def other_loop() -> None:
+        first["offset"] = asyncio.run(log.append_async([b"loop-1"]))
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert held.entered.wait(10)                # its batch is in flight, its loop waits
+    with pytest.raises(LogError, match="two event loops"):
+        asyncio.run(log.append_async([b"loop-2"]))
+    held.release.set()
+    thread.join(10)
+    assert first == {"offset": 0}
+    assert asyncio.run(log.append_async([b"loop-3"])) == 1     # that loop is gone now
+    assert [p for _, p in log.read()] == [b"loop-1", b"loop-3"]
+    log.close()
+
+
 def test_a_full_disk_refuses_the_append_and_the_log_goes_on():
     disk, log = sim_log(inline=True)
     log.append([b"before-1", b"before-2"])
