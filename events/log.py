@@ -382,14 +382,15 @@ class _Batch:
     """Records queued together: one write and one fsync make all of them durable, or
     none of them is acknowledged."""
 
-    __slots__ = ("first", "end", "buf", "durable", "failure", "waiters", "loop")
+    __slots__ = ("first", "end", "buf", "durable", "failure", "waiter", "loop")
 
     def __init__(self, first: int):
         self.first = self.end = first     # its records are [first, end)
         self.buf = bytearray()            # header, payload, header, payload, ...
         self.durable = False
         self.failure: _Failure | None = None
-        self.waiters: list[asyncio.Future] = []   # of coroutines, all on `loop`
+        # The future every coroutine of the batch awaits, on `loop`; None if none does.
+        self.waiter: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, items: Iterable, encode: Encode | None) -> None:
@@ -421,11 +422,36 @@ def _as_bytes(payload) -> bytes:
     return bytes(payload)
 
 
-def _settle(waiters: list[asyncio.Future], failure: _Failure | None) -> None:
-    """On the appenders' event loop: wake every coroutine waiting for one batch."""
-    for future in waiters:
-        if not future.done():             # a cancelled appender's records stay written
-            future.set_result(failure)
+def _settle(batch: _Batch) -> None:
+    """On the appenders' event loop: wake every coroutine waiting for `batch`."""
+    waiter = batch.waiter
+    if waiter is not None and not waiter.done():    # cancelled: see `_await_again`
+        waiter.set_result(batch.failure)
+
+
+def _cancelled_for_another(waiter: asyncio.Future) -> bool:
+    """Whether `waiter`, the future every coroutine of a batch awaits, raised
+    CancelledError in this coroutine because another coroutine of the batch was
+    cancelled (which cancels the future it awaits), and not this one."""
+    return waiter.cancelled() and not asyncio.current_task().cancelling()
+
+
+async def _await_again(batch: _Batch, waiter: asyncio.Future) -> _Failure | None:
+    """Wait for `batch` once more, its future `waiter` cancelled for another appender
+    (whose records stay in the batch and are written): on a new future, shared by the
+    appenders of the batch that were not cancelled. The batch's failure, or None once
+    it is durable."""
+    while True:
+        if batch.durable or batch.failure is not None:
+            return batch.failure          # settled meanwhile
+        if batch.waiter is waiter:        # the first of the others to get here
+            batch.waiter = waiter.get_loop().create_future()
+        waiter = batch.waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if not _cancelled_for_another(waiter):
+                raise
 
 
 class SegmentLog:
@@ -444,7 +470,8 @@ class SegmentLog:
     in flight takes the open batch and writes it with one write and one fsync, with the
     lock released, while later appenders fill the next one. Threads lead themselves;
     coroutines are served by one writer thread per log, which wakes their event loop
-    once per batch. A batch is acknowledged only once its fsync returned.
+    once per batch; the coroutines of a batch all await one future. A batch is
+    acknowledged only once its fsync returned.
     """
 
     def __init__(self, directory: str | os.PathLike, *, readonly: bool = False,
@@ -485,6 +512,7 @@ class SegmentLog:
         self._inflight: _Batch | None = None
         self._flushed = 0                 # records below this are written (and fsync'd)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None             # the thread `_loop` ran in
         self._writer: threading.Thread | None = None
         self._writer_idle = False         # waiting for `_work`: notify it
         if readonly:
@@ -674,37 +702,48 @@ class SegmentLog:
         if not self._fsync or self.disk.inline:
             # Nothing slow to wait for (page cache, or an in-memory disk): no thread hop.
             return self.append(items, encode)
-        loop = asyncio.get_running_loop()
         with self._lock:
             if self._closed or self._failure is not None:
                 self._check_writable()
-            if self._loop is not loop:
-                self._bind_loop(loop)
+            # The loop bound is the caller's when it runs in this thread (a thread runs
+            # one loop at a time): asyncio.get_running_loop() costs a getpid() here.
+            if self._loop_thread != threading.get_ident() or not self._loop.is_running():
+                self._bind_loop(asyncio.get_running_loop())
+            loop = self._loop
             batch = self._open
             first = batch.end
             batch.add(items, encode)
             if batch.end == first:
                 return first
-            future = loop.create_future()
-            batch.waiters.append(future)
-            batch.loop = loop
-            if self._writer_idle:
-                self._writer_idle = False
-                self._work.notify()
-            elif self._writer is None:
-                self._start_writer()
-        failure = await future
+            waiter = batch.waiter
+            if waiter is None:            # the batch's first coroutine
+                waiter = batch.waiter = loop.create_future()
+                batch.loop = loop
+                if self._writer_idle:
+                    self._writer_idle = False
+                    self._work.notify()
+                elif self._writer is None:
+                    self._start_writer()
+        try:
+            failure = await waiter
+        except asyncio.CancelledError:
+            if not _cancelled_for_another(waiter):
+                raise
+            failure = await _await_again(batch, waiter)
         if failure is not None:
             raise failure.exception() from failure.cause
         return first
 
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_thread = threading.get_ident()
+        if loop is self._loop:
+            return
         for batch in (self._open, self._inflight):
-            if batch is not None and batch.waiters:
+            if batch is not None and batch.waiter is not None:
                 if not batch.loop.is_closed():
                     raise LogError(f"{self.directory}: append_async from two event loops "
                                    f"at once")
-                batch.waiters = []        # their loop is gone, and they with it
+                batch.waiter = None       # its loop is gone, and its coroutines with it
         self._loop = loop
 
     def _start_writer(self) -> None:
@@ -748,7 +787,7 @@ class SegmentLog:
                                   or self._failure is not None):
             self._writer_idle = False
             self._work.notify()
-        if batch.waiters:
+        if batch.waiter is not None:
             self._wake(batch)
 
     def _lose(self, batch: _Batch, failure: _Failure) -> None:
@@ -761,13 +800,13 @@ class SegmentLog:
         lost_too.failure = failure
         self._open = _Batch(batch.first)
         assert self._flushed == batch.first, "a lost batch must follow the durable ones"
-        if lost_too.waiters:
+        if lost_too.waiter is not None:
             self._wake(lost_too)
 
     @staticmethod
     def _wake(batch: _Batch) -> None:
         try:
-            batch.loop.call_soon_threadsafe(_settle, batch.waiters, batch.failure)
+            batch.loop.call_soon_threadsafe(_settle, batch)
         except RuntimeError:              # its loop is closed: no one is waiting any more
             pass
 

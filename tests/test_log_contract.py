@@ -934,13 +934,82 @@ def test_a_cancelled_appender_does_not_cancel_the_rest_of_its_batch():
         tasks = [asyncio.create_task(log.append_async([payload("c", i)])) for i in range(4)]
         await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
         tasks[1].cancel()
+        # The cancelled appender returns at once; the others wait for the held fsync.
+        done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {tasks[1]}
+        done, _ = await asyncio.wait(tasks, timeout=0.2)
+        assert done == {tasks[1]}, "acknowledged while its fsync was held"
         held.release.set()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
 
     results = asyncio.run(main())
     assert isinstance(results[1], asyncio.CancelledError)
     assert [r for i, r in enumerate(results) if i != 1] == [0, 2, 3]
     assert [p for _, p in log.read()] == [payload("c", i) for i in range(4)]   # kept
+    log.close()
+
+
+def test_appenders_cancelled_together_leave_the_rest_of_their_batch_waiting():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        tasks = [asyncio.create_task(log.append_async([payload("t", i)])) for i in range(6)]
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
+        tasks[0].cancel()
+        await asyncio.sleep(0)            # the others have seen the first cancellation
+        tasks[4].cancel()
+        done, _ = await asyncio.wait(tasks, timeout=0.2)
+        assert done == {tasks[0], tasks[4]}
+        held.release.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(results[i], asyncio.CancelledError) for i in (0, 4))
+    assert [r for i, r in enumerate(results) if i not in (0, 4)] == [1, 2, 3, 5]
+    assert [p for _, p in log.read()] == [payload("t", i) for i in range(6)]
+    log.close()
+
+
+def test_an_appender_cancelled_after_its_batch_is_durable_leaves_no_one_waiting():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+
+    async def main():
+        tasks = [asyncio.create_task(log.append_async([payload("d", i)])) for i in range(4)]
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.wait, 10)
+        held.release.set()
+        log.sync()      # blocks this loop until the batch is durable: its wake-up waits
+        tasks[2].cancel()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3]
+    log.close()
+
+
+def test_append_async_from_two_event_loops_at_once_is_refused():
+    disk, log = sim_log()
+    held = HeldFsync()
+    disk.on_fsync = held
+    first = {}
+
+    def other_loop() -> None:
+        first["offset"] = asyncio.run(log.append_async([b"loop-1"]))
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert held.entered.wait(10)                # its batch is in flight, its loop waits
+    with pytest.raises(LogError, match="two event loops"):
+        asyncio.run(log.append_async([b"loop-2"]))
+    held.release.set()
+    thread.join(10)
+    assert first == {"offset": 0}
+    assert asyncio.run(log.append_async([b"loop-3"])) == 1     # that loop is gone now
+    assert [p for _, p in log.read()] == [b"loop-1", b"loop-3"]
     log.close()
 
 
