@@ -56,6 +56,20 @@ class Transport(Protocol):
         """At most `limit` of the host's envelopes from `offset` on (a page)."""
 
 
+def _trim(window: deque, size: int, named: Callable[[str], bool],
+          drop: Callable[[str], None]) -> None:
+    """Drop the oldest of `window` past `size`, except those an open request still
+    names: they move to its newest end, and go once their request has ended."""
+    for _ in range(len(window)):
+        if len(window) <= size:
+            return
+        old = window.popleft()
+        if named(old):
+            window.append(old)
+        else:
+            drop(old)
+
+
 class ControllerSnapshot(msgspec.Struct):
     view: Projection
     low: dict[str, int]
@@ -309,41 +323,38 @@ class Controller:
         them all: `vmresize events` and the auditor read them there), and any that an
         open request still names, until it ends."""
         self._final.append(final_id)
-        for _ in range(len(self._final)):
-            if len(self._final) <= self.opt.retain_migrations:
-                return
-            old = self._final.popleft()
-            if self._named_by_open_request(old):
-                self._final.append(old)
-                continue
-            self.view.migrations.pop(old, None)
-            self.disks.pop(old, None)
+        _trim(self._final, self.opt.retain_migrations, self._migration_named,
+              self._drop_migration)
 
     def _forget_deleted(self, uuid: str) -> None:
         """Keep the last `retain_deleted` deleted instances in the view (the compute API
         lists them, as Nova lists deleted servers until they are archived; the logs
         keep them all), and any that an open request still names."""
         self._deleted.append(uuid)
-        for _ in range(len(self._deleted)):
-            if len(self._deleted) <= self.opt.retain_deleted:
-                return
-            old = self._deleted.popleft()
-            inst = self.view.instances.get(old)
-            if inst is None or not inst.deleted:
-                continue
-            if any(old in index for index in (self.open_resizes, self.open_actions,
-                                              self.open_deletes, self.open_boots)):
-                self._deleted.append(old)
-                continue
-            del self.view.instances[old]
-            for per_instance in (self.owners, self.created, self.touched, self.changed):
-                per_instance.pop(old, None)
-            if self.names.get(inst.name) == old:
-                del self.names[inst.name]
+        _trim(self._deleted, self.opt.retain_deleted, self._instance_named,
+              self._drop_instance)
 
-    def _named_by_open_request(self, mid: str) -> bool:
+    def _migration_named(self, mid: str) -> bool:
         resize = self.by_migration.get(mid)
         return mid in self.open_finishes or (resize is not None and not resize.ended)
+
+    def _instance_named(self, uuid: str) -> bool:
+        return any(uuid in index for index in (self.open_resizes, self.open_actions,
+                                               self.open_deletes, self.open_boots))
+
+    def _drop_migration(self, mid: str) -> None:
+        self.view.migrations.pop(mid, None)
+        self.disks.pop(mid, None)
+
+    def _drop_instance(self, uuid: str) -> None:
+        inst = self.view.instances.get(uuid)
+        if inst is None or not inst.deleted:
+            return              # gone already, or back
+        del self.view.instances[uuid]
+        for per_instance in (self.owners, self.created, self.touched, self.changed):
+            per_instance.pop(uuid, None)
+        if self.names.get(inst.name) == uuid:
+            del self.names[inst.name]
 
     async def start(self) -> None:
         """Replay our log, load the newest snapshot of our view, pull every host's
